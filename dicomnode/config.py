@@ -1,0 +1,407 @@
+"""Configuration: TOML loaded once, validated into frozen dataclasses, passed explicitly.
+
+Every error names the offending key (``node.port: must be an integer between 0 and 65535``), so an
+operator can fix the file without reading code. Relative paths resolve against the folder of the
+configuration file; with no file at all, the embedded defaults (the repository's ``config.toml``)
+apply relative to the working directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dicomnode.errors import ConfigurationError
+
+CONFIG_ENV = "DICOMNODE_CONFIG"
+DEFAULT_CONFIG_NAME = "config.toml"
+
+# The embedded defaults, identical to the repository's config.toml.
+DEFAULTS: dict[str, Any] = {
+    "node": {
+        "ae_title": "DICOMNODE",
+        "host": "0.0.0.0",
+        "port": 11112,
+        "allowed_calling_ae_titles": [],
+        "max_associations": 16,
+        "min_free_disk_mb": 1024,
+        "max_pdu_size": 1048576,
+    },
+    "storage": {"path": "var", "database_url": "sqlite:///var/dicomnode.db", "sqlite_synchronous": "FULL"},
+    "studies": {"stable_after_seconds": 10},
+    "models": {"path": "models"},
+    "worker": {
+        "processes": 1,
+        "job_timeout_seconds": 600,
+        "max_attempts": 3,
+        "decode_timeout_seconds": 30,
+        "max_batch_size": 16,
+        "poll_interval_seconds": 0.5,
+        "lease_seconds": 60,
+        "device": "auto",
+    },
+    "routes": [
+        {
+            "name": "chest-radiograph",
+            "model": "pneumonia-xception",
+            "modality": ["CR", "DX"],
+            "sop_class_uid": ["1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1"],
+            "body_part_examined": ["CHEST", "THORAX"],
+            "view_position": ["PA", "AP"],
+        }
+    ],
+    "delivery": {
+        "retry_initial_seconds": 5,
+        "retry_max_seconds": 300,
+        "give_up_after_hours": 72,
+        "poll_interval_seconds": 0.5,
+        "timeout_seconds": 30,
+    },
+    "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 4242}],
+    "logging": {"level": "INFO"},
+}
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no control chars
+ROUTE_LIST_KEYS = (
+    "modality",
+    "sop_class_uid",
+    "body_part_examined",
+    "view_position",
+    "image_type",
+    "calling_ae_title",
+)
+ROUTE_REGEX_KEYS = ("series_description",)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """The listener: who we are and whom we accept."""
+
+    ae_title: str
+    host: str
+    port: int
+    allowed_calling_ae_titles: tuple[str, ...]
+    max_associations: int
+    min_free_disk_mb: int
+    max_pdu_size: int
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """Where received instances, results and the database live."""
+
+    path: Path
+    database_url: str
+    sqlite_synchronous: str
+
+    @property
+    def instances_path(self) -> Path:
+        return self.path / "instances"
+
+    @property
+    def results_path(self) -> Path:
+        return self.path / "results"
+
+
+@dataclass(frozen=True)
+class StudiesConfig:
+    """When a study counts as complete."""
+
+    stable_after_seconds: float
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    """Where model packages live."""
+
+    path: Path
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """The inference worker."""
+
+    processes: int
+    job_timeout_seconds: float
+    max_attempts: int
+    decode_timeout_seconds: float
+    max_batch_size: int
+    poll_interval_seconds: float
+    lease_seconds: float
+    device: str
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    """One routing rule: which images a model runs on. Absent keys match anything."""
+
+    name: str
+    model: str
+    match: Mapping[str, tuple[str, ...]]  # list keys -> accepted values ("" = absent)
+    regex: Mapping[str, str]  # regex keys -> pattern (re.search, case-insensitive)
+
+
+@dataclass(frozen=True)
+class DeliveryConfig:
+    """Retry policy for sending results."""
+
+    retry_initial_seconds: float
+    retry_max_seconds: float
+    give_up_after_hours: float
+    poll_interval_seconds: float
+    timeout_seconds: float
+
+
+@dataclass(frozen=True)
+class DestinationConfig:
+    """A DICOM peer that receives results by C-STORE."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole validated configuration."""
+
+    source: Path | None
+    node: NodeConfig
+    storage: StorageConfig
+    studies: StudiesConfig
+    models: ModelsConfig
+    worker: WorkerConfig
+    routes: tuple[RouteConfig, ...]
+    delivery: DeliveryConfig
+    destinations: tuple[DestinationConfig, ...]
+    log_level: str = "INFO"
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+
+def default_config_path() -> Path:
+    """``$DICOMNODE_CONFIG`` when set, else ``./config.toml``."""
+    return Path(os.environ.get(CONFIG_ENV, DEFAULT_CONFIG_NAME))
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Load and validate a configuration file.
+
+    ``path=None`` means the default location; when nothing is there the embedded defaults apply.
+    An explicitly named file that does not exist is an error.
+    """
+    explicit = path is not None
+    config_path = Path(path) if path is not None else default_config_path()
+    if not config_path.exists():
+        if explicit or CONFIG_ENV in os.environ:
+            raise ConfigurationError("config", f"configuration file {config_path} does not exist")
+        return config_from_mapping({}, base_dir=Path.cwd(), source=None)
+    try:
+        data = tomllib.loads(config_path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError("config", f"{config_path} is not valid TOML: {exc}") from exc
+    return config_from_mapping(data, base_dir=config_path.resolve().parent, source=config_path.resolve())
+
+
+def config_from_mapping(data: Mapping[str, Any], *, base_dir: Path, source: Path | None = None) -> Config:
+    """Validate a parsed TOML mapping (missing keys take the embedded defaults)."""
+    known = set(DEFAULTS)
+    for key in data:
+        if key not in known:
+            raise ConfigurationError(key, f"unknown section; expected one of {sorted(known)}")
+    node = _section(data, "node")
+    storage = _section(data, "storage")
+    studies = _section(data, "studies")
+    models = _section(data, "models")
+    worker = _section(data, "worker")
+    delivery = _section(data, "delivery")
+    logging_ = _section(data, "logging")
+
+    storage_path = _path(storage, "storage.path", base_dir)
+    database_url = _str(storage, "storage.database_url")
+    if database_url.startswith("sqlite:///") and not database_url.startswith("sqlite:////"):
+        relative = database_url.removeprefix("sqlite:///")
+        if relative and relative != ":memory:":
+            database_url = "sqlite:///" + str((base_dir / relative).resolve())
+    synchronous = _str(storage, "storage.sqlite_synchronous").upper()
+    if synchronous not in ("FULL", "NORMAL", "EXTRA"):
+        raise ConfigurationError("storage.sqlite_synchronous", "must be FULL, EXTRA or NORMAL")
+
+    ae_title = _ae_title(node["ae_title"], "node.ae_title")
+    allowed = tuple(
+        _ae_title(v, f"node.allowed_calling_ae_titles[{i}]")
+        for i, v in enumerate(_list(node, "node.allowed_calling_ae_titles"))
+    )
+    config = Config(
+        source=source,
+        node=NodeConfig(
+            ae_title=ae_title,
+            host=_str(node, "node.host"),
+            port=_int(node, "node.port", 0, 65535),
+            allowed_calling_ae_titles=allowed,
+            max_associations=_int(node, "node.max_associations", 1, 1000),
+            min_free_disk_mb=_int(node, "node.min_free_disk_mb", 0, 2**40),
+            max_pdu_size=_int(node, "node.max_pdu_size", 0, 2**31 - 1),
+        ),
+        storage=StorageConfig(path=storage_path, database_url=database_url, sqlite_synchronous=synchronous),
+        studies=StudiesConfig(
+            stable_after_seconds=_float(studies, "studies.stable_after_seconds", 0.0, 86400.0)
+        ),
+        models=ModelsConfig(path=_path(models, "models.path", base_dir)),
+        worker=WorkerConfig(
+            processes=_int(worker, "worker.processes", 1, 64),
+            job_timeout_seconds=_float(worker, "worker.job_timeout_seconds", 1.0, 86400.0),
+            max_attempts=_int(worker, "worker.max_attempts", 1, 100),
+            decode_timeout_seconds=_float(worker, "worker.decode_timeout_seconds", 0.1, 3600.0),
+            max_batch_size=_int(worker, "worker.max_batch_size", 1, 4096),
+            poll_interval_seconds=_float(worker, "worker.poll_interval_seconds", 0.01, 60.0),
+            lease_seconds=_float(worker, "worker.lease_seconds", 1.0, 86400.0),
+            device=_choice(worker, "worker.device", ("auto", "cpu", "cuda")),
+        ),
+        routes=_routes(data.get("routes", DEFAULTS["routes"])),
+        delivery=DeliveryConfig(
+            retry_initial_seconds=_float(delivery, "delivery.retry_initial_seconds", 0.0, 86400.0),
+            retry_max_seconds=_float(delivery, "delivery.retry_max_seconds", 0.0, 86400.0 * 7),
+            give_up_after_hours=_float(delivery, "delivery.give_up_after_hours", 0.0, 24.0 * 365),
+            poll_interval_seconds=_float(delivery, "delivery.poll_interval_seconds", 0.01, 60.0),
+            timeout_seconds=_float(delivery, "delivery.timeout_seconds", 1.0, 3600.0),
+        ),
+        destinations=_destinations(data.get("destinations", DEFAULTS["destinations"])),
+        log_level=_choice(logging_, "logging.level", ("DEBUG", "INFO", "WARNING", "ERROR")),
+        raw=data,
+    )
+    if config.delivery.retry_max_seconds < config.delivery.retry_initial_seconds:
+        raise ConfigurationError("delivery.retry_max_seconds", "must not be below retry_initial_seconds")
+    return config
+
+
+def _section(data: Mapping[str, Any], name: str) -> dict[str, Any]:
+    value = data.get(name, {})
+    if not isinstance(value, Mapping):
+        raise ConfigurationError(name, "must be a table")
+    defaults = DEFAULTS[name]
+    for key in value:
+        if key not in defaults:
+            raise ConfigurationError(f"{name}.{key}", f"unknown key; expected one of {sorted(defaults)}")
+    return {**defaults, **value}
+
+
+def _str(section: Mapping[str, Any], key: str) -> str:
+    value = section[key.rsplit(".", 1)[-1]]
+    if not isinstance(value, str) or not value:
+        raise ConfigurationError(key, "must be a non-empty string")
+    return value
+
+
+def _choice(section: Mapping[str, Any], key: str, choices: tuple[str, ...]) -> str:
+    value = _str(section, key)
+    if value not in choices:
+        raise ConfigurationError(key, f"must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def _int(section: Mapping[str, Any], key: str, low: int, high: int) -> int:
+    value = section[key.rsplit(".", 1)[-1]]
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigurationError(key, f"must be an integer between {low} and {high}; got {value!r}")
+    return value
+
+
+def _float(section: Mapping[str, Any], key: str, low: float, high: float) -> float:
+    value = section[key.rsplit(".", 1)[-1]]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
+        raise ConfigurationError(key, f"must be a number between {low} and {high}; got {value!r}")
+    return float(value)
+
+
+def _list(section: Mapping[str, Any], key: str) -> list[Any]:
+    value = section[key.rsplit(".", 1)[-1]]
+    if not isinstance(value, list):
+        raise ConfigurationError(key, "must be a list")
+    return value
+
+
+def _path(section: Mapping[str, Any], key: str, base_dir: Path) -> Path:
+    path = Path(_str(section, key)).expanduser()
+    return path if path.is_absolute() else (base_dir / path).resolve()
+
+
+def _ae_title(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not _AE_TITLE.match(value) or not value.strip():
+        raise ConfigurationError(
+            key, f"must be a DICOM AE title (1-16 characters, no backslash); got {value!r}"
+        )
+    return value.strip()
+
+
+def _routes(value: Any) -> tuple[RouteConfig, ...]:
+    if not isinstance(value, list):
+        raise ConfigurationError("routes", "must be an array of tables ([[routes]])")
+    routes = []
+    allowed = {"name", "model", *ROUTE_LIST_KEYS, *ROUTE_REGEX_KEYS}
+    for i, item in enumerate(value):
+        where = f"routes[{i}]"
+        if not isinstance(item, Mapping):
+            raise ConfigurationError(where, "must be a table")
+        for key in item:
+            if key not in allowed:
+                raise ConfigurationError(f"{where}.{key}", f"unknown key; expected one of {sorted(allowed)}")
+        match: dict[str, tuple[str, ...]] = {}
+        for key in ROUTE_LIST_KEYS:
+            if key in item:
+                values = item[key] if isinstance(item[key], list) else [item[key]]
+                if not all(isinstance(v, str) for v in values):
+                    raise ConfigurationError(f"{where}.{key}", "must be a string or a list of strings")
+                match[key] = tuple(v.strip() for v in values)
+        regex: dict[str, str] = {}
+        for key in ROUTE_REGEX_KEYS:
+            if key in item:
+                try:
+                    re.compile(item[key])
+                except (re.error, TypeError) as exc:
+                    raise ConfigurationError(
+                        f"{where}.{key}", f"is not a valid regular expression: {exc}"
+                    ) from exc
+                regex[key] = item[key]
+        routes.append(
+            RouteConfig(
+                name=_str(item, f"{where}.name"), model=_str(item, f"{where}.model"), match=match, regex=regex
+            )
+        )
+    names = [r.name for r in routes]
+    if len(set(names)) != len(names):
+        raise ConfigurationError("routes", "route names must be unique")
+    return tuple(routes)
+
+
+def _destinations(value: Any) -> tuple[DestinationConfig, ...]:
+    if not isinstance(value, list):
+        raise ConfigurationError("destinations", "must be an array of tables ([[destinations]])")
+    result = []
+    for i, item in enumerate(value):
+        where = f"destinations[{i}]"
+        if not isinstance(item, Mapping):
+            raise ConfigurationError(where, "must be a table")
+        for key in item:
+            if key not in ("name", "ae_title", "host", "port"):
+                raise ConfigurationError(f"{where}.{key}", "unknown key; expected name, ae_title, host, port")
+        for key in ("name", "ae_title", "host", "port"):
+            if key not in item:
+                raise ConfigurationError(f"{where}.{key}", "is required")
+        result.append(
+            DestinationConfig(
+                name=_str(item, f"{where}.name"),
+                ae_title=_ae_title(item["ae_title"], f"{where}.ae_title"),
+                host=_str(item, f"{where}.host"),
+                port=_int(item, f"{where}.port", 1, 65535),
+            )
+        )
+    names = [d.name for d in result]
+    if len(set(names)) != len(names):
+        raise ConfigurationError("destinations", "destination names must be unique")
+    return tuple(result)

@@ -1,0 +1,445 @@
+"""Labelled datasets for evaluation: a folder of DICOM files plus a CSV of 0/1 labels.
+
+The CSV names each image by ``path`` (relative to the CSV's folder) or by ``sop_instance_uid``
+(resolved by scanning the DICOM headers under the CSV's folder). Every other column whose values are
+all ``0``, ``1`` or empty is a label; an optional ``split`` column is kept as the case's split; other
+columns are ignored. Headers are read without pixel data. Patient IDs are kept in memory only to group
+images by patient; they never appear in logs, reports or exception messages.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+logger = logging.getLogger(__name__)
+
+PATH_COLUMN = "path"
+UID_COLUMN = "sop_instance_uid"
+SPLIT_COLUMN = "split"
+_RESERVED_COLUMNS = frozenset({PATH_COLUMN, UID_COLUMN, SPLIT_COLUMN})
+_LABEL_VALUES = frozenset({"0", "1", ""})
+# files under the dataset folder that are never DICOM; skipped when resolving SOP Instance UIDs
+_NOT_DICOM_SUFFIXES = frozenset({".csv", ".json", ".txt", ".md", ".html", ".png", ".jpg", ".jpeg"})
+_AGE_PATTERN = re.compile(r"^\s*(\d{1,3})\s*([DWMY])\s*$", re.IGNORECASE)
+_DAYS_PER_UNIT = {"D": 1.0, "W": 7.0, "M": 365.25 / 12.0, "Y": 365.25}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One labelled image: where it is, its labels and the header attributes evaluation groups by."""
+
+    path: Path
+    labels: dict[str, int | None]  # label -> 1, 0 or None (empty cell: not annotated)
+    sop_instance_uid: str
+    patient_id: str | None = field(default=None, repr=False)  # grouping only; never logged
+    patient_sex: str | None = None
+    patient_age_years: float | None = None
+    view_position: str | None = None
+    manufacturer: str | None = None
+    modality: str | None = None
+    split: str | None = None
+
+    @property
+    def patient_key(self) -> str:
+        """The key that groups images by patient; an image without Patient ID is its own patient."""
+        return self.patient_id if self.patient_id else f"no-patient-id:{self.sop_instance_uid}"
+
+
+@dataclass(frozen=True)
+class UnreadableFile:
+    """A file named by the CSV (or met while resolving UIDs) that could not be used, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class LabelledDataset:
+    """The cases of one CSV, their label names, and the files that could not be read."""
+
+    csv_path: Path
+    labels: tuple[str, ...]
+    cases: list[Case]
+    unreadable: list[UnreadableFile] = field(default_factory=list)
+
+    @property
+    def root(self) -> Path:
+        """The folder that relative paths in the CSV start from."""
+        return self.csv_path.parent
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+
+@dataclass(frozen=True)
+class DatasetReport:
+    """What :func:`check_dataset` found; printable with ``str()`` and JSON-able with :meth:`to_dict`."""
+
+    csv_path: str
+    n_cases: int
+    labels: dict[str, dict[str, int]]  # label -> {"positives", "negatives", "missing"}
+    n_patients: int
+    n_cases_without_patient_id: int
+    cases_per_patient: dict[str, float]  # min, median, mean, max
+    cases_per_patient_histogram: dict[int, int]  # images per patient -> number of patients
+    unreadable: list[UnreadableFile]
+    duplicate_sop_instances: dict[str, list[str]]  # SOP Instance UID -> paths
+    splits: dict[str, int]  # split column value -> cases
+    patients_in_several_splits: int
+    warnings: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dictionary (histogram keys become strings)."""
+        return {
+            "csv_path": self.csv_path,
+            "n_cases": self.n_cases,
+            "labels": self.labels,
+            "n_patients": self.n_patients,
+            "n_cases_without_patient_id": self.n_cases_without_patient_id,
+            "cases_per_patient": self.cases_per_patient,
+            "cases_per_patient_histogram": {str(k): v for k, v in self.cases_per_patient_histogram.items()},
+            "unreadable": [{"path": u.path, "reason": u.reason} for u in self.unreadable],
+            "duplicate_sop_instances": self.duplicate_sop_instances,
+            "splits": self.splits,
+            "patients_in_several_splits": self.patients_in_several_splits,
+            "warnings": self.warnings,
+        }
+
+    def to_text(self) -> str:
+        """A plain-text summary for the terminal."""
+        lines = [f"Dataset {self.csv_path}", f"  cases: {self.n_cases}"]
+        lines.append(
+            f"  patients: {self.n_patients} ({self.n_cases_without_patient_id} cases without Patient ID)"
+        )
+        if self.cases_per_patient:
+            c = self.cases_per_patient
+            lines.append(
+                f"  cases per patient: min {c['min']:g}, median {c['median']:g}, "
+                f"mean {c['mean']:.2f}, max {c['max']:g}"
+            )
+        lines.append("  labels:")
+        for label, counts in self.labels.items():
+            lines.append(
+                f"    {label}: {counts['positives']} positive, {counts['negatives']} negative, "
+                f"{counts['missing']} missing"
+            )
+        if self.splits:
+            lines.append("  splits: " + ", ".join(f"{k}={v}" for k, v in self.splits.items()))
+        lines.append(f"  unreadable files: {len(self.unreadable)}")
+        lines.extend(f"    {u.path}: {u.reason}" for u in self.unreadable)
+        lines.append(f"  duplicate SOP instances: {len(self.duplicate_sop_instances)}")
+        for uid, paths in self.duplicate_sop_instances.items():
+            lines.append(f"    {uid}: {', '.join(paths)}")
+        lines.extend(f"  WARNING: {w}" for w in self.warnings)
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+
+def parse_patient_age(value: str | None) -> float | None:
+    """Years from a DICOM Age String (``'004Y'``, ``'018M'``, ``'010W'``, ``'003D'``); None if invalid."""
+    if not value:
+        return None
+    match = _AGE_PATTERN.match(str(value))
+    if match is None:
+        return None
+    return int(match.group(1)) * _DAYS_PER_UNIT[match.group(2).upper()] / 365.25
+
+
+def age_from_dates(birth_date: str | None, on_date: str | None) -> float | None:
+    """Age in years on a date from DICOM dates (``YYYYMMDD``): completed years plus the elapsed share of
+    the current year, so a child is exactly 1.0 on its first birthday. None if a date is absent, invalid
+    or the birth date is later.
+    """
+    born, on = _parse_da(birth_date), _parse_da(on_date)
+    if born is None or on is None or on < born:
+        return None
+    years = on.year - born.year - ((on.month, on.day) < (born.month, born.day))
+    last = _birthday(born, born.year + years)
+    following = _birthday(born, born.year + years + 1)
+    return years + (on - last).days / (following - last).days
+
+
+def _birthday(born: date, year: int) -> date:
+    """The birthday in ``year``; 29 February becomes 28 February in common years."""
+    try:
+        return born.replace(year=year)
+    except ValueError:
+        return born.replace(year=year, day=28)
+
+
+def _parse_da(value: str | None) -> date | None:
+    text = str(value or "").strip()
+    if len(text) != 8 or not text.isdigit():
+        return None
+    try:
+        return date(int(text[:4]), int(text[4:6]), int(text[6:]))
+    except ValueError:
+        return None
+
+
+def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _header_age(ds: pydicom.Dataset) -> float | None:
+    age = parse_patient_age(_text(ds, "PatientAge"))
+    if age is not None:
+        return age
+    birth = _text(ds, "PatientBirthDate")
+    for keyword in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate"):
+        years = age_from_dates(birth, _text(ds, keyword))
+        if years is not None:
+            return years
+    return None
+
+
+def _read_header(path: Path) -> pydicom.Dataset:
+    """The header without pixel data; raises with a reason that carries no patient data."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except FileNotFoundError as exc:
+        raise _UnreadableError("file not found") from exc
+    except IsADirectoryError as exc:
+        raise _UnreadableError("is a directory") from exc
+    except InvalidDicomError as exc:
+        raise _UnreadableError("not a DICOM file (no DICM prefix)") from exc
+    except Exception as exc:  # pydicom raises many kinds; the message may quote header values
+        raise _UnreadableError(f"header could not be parsed ({type(exc).__name__})") from exc
+    if not _text(ds, "SOPInstanceUID"):
+        raise _UnreadableError("no SOP Instance UID")
+    return ds
+
+
+class _UnreadableError(Exception):
+    """Internal: a file could not be used; the message is safe to show."""
+
+
+def _case_from_header(
+    path: Path, ds: pydicom.Dataset, labels: dict[str, int | None], split: str | None
+) -> Case:
+    sex = _text(ds, "PatientSex")
+    return Case(
+        path=path,
+        labels=labels,
+        sop_instance_uid=str(ds.SOPInstanceUID).strip(),
+        patient_id=_text(ds, "PatientID"),
+        patient_sex=sex.upper() if sex else None,
+        patient_age_years=_header_age(ds),
+        view_position=_text(ds, "ViewPosition"),
+        manufacturer=_text(ds, "Manufacturer"),
+        modality=_text(ds, "Modality"),
+        split=split,
+    )
+
+
+def _label_columns(fieldnames: list[str], rows: list[dict[str, str]]) -> tuple[str, ...]:
+    labels = []
+    for name in fieldnames:
+        if name in _RESERVED_COLUMNS:
+            continue
+        if all((row.get(name) or "").strip() in _LABEL_VALUES for row in rows):
+            labels.append(name)
+        else:
+            logger.info("column %r is not 0/1 and is ignored", name)
+    return tuple(labels)
+
+
+def _scan_uids(root: Path, unreadable: list[UnreadableFile]) -> dict[str, list[Path]]:
+    """SOP Instance UID -> files under ``root`` that carry it (several when duplicated)."""
+    found: dict[str, list[Path]] = defaultdict(list)
+    for path in sorted(root.rglob("*")):
+        if not path.is_file() or path.name.startswith(".") or path.suffix.lower() in _NOT_DICOM_SUFFIXES:
+            continue
+        try:
+            ds = _read_header(path)
+        except _UnreadableError as exc:
+            unreadable.append(UnreadableFile(str(path), str(exc)))
+            continue
+        found[str(ds.SOPInstanceUID).strip()].append(path)
+    return found
+
+
+def load_labelled_dataset(csv_path: str | Path) -> LabelledDataset:
+    """Read the CSV and every image's header; files that cannot be used go to ``unreadable``."""
+    csv_path = Path(csv_path)
+    with csv_path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        fieldnames = [name.strip() for name in (reader.fieldnames or [])]
+        rows = [{(k or "").strip(): (v or "") for k, v in row.items()} for row in reader]
+    if PATH_COLUMN in fieldnames:
+        key = PATH_COLUMN
+    elif UID_COLUMN in fieldnames:
+        key = UID_COLUMN
+    else:
+        raise ValueError(f"{csv_path}: the CSV needs a {PATH_COLUMN!r} or {UID_COLUMN!r} column")
+    labels = _label_columns(fieldnames, rows)
+    if not labels:
+        raise ValueError(f"{csv_path}: no label column (a column whose values are all 0, 1 or empty)")
+
+    root = csv_path.parent
+    unreadable: list[UnreadableFile] = []
+    by_uid = _scan_uids(root, unreadable) if key == UID_COLUMN else {}
+    cases: list[Case] = []
+    for line, row in enumerate(rows, start=2):
+        row_labels: dict[str, int | None] = {
+            name: (int(row[name].strip()) if row.get(name, "").strip() else None) for name in labels
+        }
+        split = row.get(SPLIT_COLUMN, "").strip() or None
+        ref = row.get(key, "").strip()
+        if not ref:
+            unreadable.append(UnreadableFile(f"{csv_path.name}:{line}", f"empty {key}"))
+            continue
+        if key == UID_COLUMN:
+            paths = by_uid.get(ref)
+            if not paths:
+                unreadable.append(UnreadableFile(ref, "no file has this SOP Instance UID"))
+                continue
+            candidates = paths
+        else:
+            candidates = [root / ref]
+        for path in candidates:
+            try:
+                ds = _read_header(path)
+            except _UnreadableError as exc:
+                unreadable.append(UnreadableFile(str(path), str(exc)))
+                continue
+            cases.append(_case_from_header(path, ds, row_labels, split))
+    logger.info("loaded %d cases, %d labels, %d unreadable", len(cases), len(labels), len(unreadable))
+    return LabelledDataset(csv_path=csv_path, labels=labels, cases=cases, unreadable=unreadable)
+
+
+def check_dataset(ds: LabelledDataset) -> DatasetReport:
+    """Counts per label and patient, unreadable files, duplicate SOP instances and split leaks."""
+    label_counts = {
+        label: {
+            "positives": sum(1 for c in ds.cases if c.labels.get(label) == 1),
+            "negatives": sum(1 for c in ds.cases if c.labels.get(label) == 0),
+            "missing": sum(1 for c in ds.cases if c.labels.get(label) is None),
+        }
+        for label in ds.labels
+    }
+    per_patient = Counter(c.patient_key for c in ds.cases)
+    sizes = np.array(sorted(per_patient.values()), dtype=float)
+    summary = (
+        {
+            "min": float(sizes.min()),
+            "median": float(np.median(sizes)),
+            "mean": float(sizes.mean()),
+            "max": float(sizes.max()),
+        }
+        if sizes.size
+        else {}
+    )
+    by_uid: dict[str, list[str]] = defaultdict(list)
+    for case in ds.cases:
+        by_uid[case.sop_instance_uid].append(str(case.path))
+    duplicates = {uid: paths for uid, paths in sorted(by_uid.items()) if len(paths) > 1}
+    splits = Counter(c.split for c in ds.cases if c.split)
+    patient_splits: dict[str, set[str]] = defaultdict(set)
+    for case in ds.cases:
+        if case.split:
+            patient_splits[case.patient_key].add(case.split)
+    leaks = sum(1 for s in patient_splits.values() if len(s) > 1)
+
+    warnings: list[str] = []
+    if ds.unreadable:
+        warnings.append(f"{len(ds.unreadable)} file(s) could not be read and are left out")
+    if duplicates:
+        warnings.append(f"{len(duplicates)} SOP Instance UID(s) appear more than once")
+    if leaks:
+        warnings.append(f"{leaks} patient(s) appear in more than one split (the split leaks)")
+    for label, counts in label_counts.items():
+        if counts["positives"] == 0 or counts["negatives"] == 0:
+            warnings.append(f"label {label!r} has only one class: AUROC is undefined")
+    return DatasetReport(
+        csv_path=str(ds.csv_path),
+        n_cases=len(ds.cases),
+        labels=label_counts,
+        n_patients=len(per_patient),
+        n_cases_without_patient_id=sum(1 for c in ds.cases if not c.patient_id),
+        cases_per_patient=summary,
+        cases_per_patient_histogram=dict(sorted(Counter(per_patient.values()).items())),
+        unreadable=list(ds.unreadable),
+        duplicate_sop_instances=duplicates,
+        splits=dict(sorted(splits.items())),
+        patients_in_several_splits=leaks,
+        warnings=warnings,
+    )
+
+
+def split_by_patient(
+    ds: LabelledDataset, fractions: tuple[float, ...] = (0.7, 0.15, 0.15), seed: int = 0
+) -> tuple[LabelledDataset, ...]:
+    """Split into one dataset per fraction; all images of a patient land in the same split.
+
+    Greedy stratification: patients are visited in a seeded random order, those carrying the rarest
+    positive labels and the most images first; each goes to the split whose targets (cases and
+    positives per label, proportional to ``fractions``) are least fulfilled. Deterministic for a
+    given dataset and seed. Images without Patient ID count as separate patients.
+    """
+    if not fractions or any(f < 0 for f in fractions) or not math.isclose(sum(fractions), 1.0, abs_tol=1e-6):
+        raise ValueError(f"fractions {fractions} must be non-negative and sum to 1")
+    groups: dict[str, list[Case]] = defaultdict(list)
+    for case in ds.cases:
+        groups[case.patient_key].append(case)
+    keys = sorted(groups)
+    order = np.random.default_rng(seed).permutation(len(keys))
+    keys = [keys[i] for i in order]
+
+    n_labels = len(ds.labels)
+    positives = np.zeros((len(keys), n_labels))
+    sizes = np.zeros(len(keys))
+    for i, key in enumerate(keys):
+        sizes[i] = len(groups[key])
+        for j, label in enumerate(ds.labels):
+            positives[i, j] = sum(1 for c in groups[key] if c.labels.get(label) == 1)
+    label_totals = positives.sum(axis=0)
+    # rarity of a patient = the smallest total among the labels it is positive for (inf if none)
+    rarity = [
+        min((label_totals[j] for j in range(n_labels) if positives[i, j] > 0), default=math.inf)
+        for i in range(len(keys))
+    ]
+    visit = sorted(range(len(keys)), key=lambda i: (rarity[i], -sizes[i]))  # stable: ties keep seeded order
+
+    frac = np.asarray(fractions, dtype=float)
+    target_cases = frac * sizes.sum()
+    target_pos = np.outer(frac, label_totals)
+    have_cases = np.zeros(len(frac))
+    have_pos = np.zeros((len(frac), n_labels))
+    assignment: dict[str, int] = {}
+    for i in visit:
+        need = (target_cases - have_cases) / np.maximum(target_cases, 1.0)
+        mask = positives[i] > 0
+        if mask.any():
+            deficit = (target_pos[:, mask] - have_pos[:, mask]) / np.maximum(target_pos[:, mask], 1.0)
+            need = need + deficit.sum(axis=1)
+        need = np.where(frac > 0, need, -np.inf)
+        chosen = int(np.argmax(need))  # first maximum on ties
+        assignment[keys[i]] = chosen
+        have_cases[chosen] += sizes[i]
+        have_pos[chosen] += positives[i]
+
+    parts: list[list[Case]] = [[] for _ in fractions]
+    for case in ds.cases:  # keep the CSV order inside each split
+        parts[assignment[case.patient_key]].append(case)
+    return tuple(
+        LabelledDataset(csv_path=ds.csv_path, labels=ds.labels, cases=part, unreadable=[]) for part in parts
+    )

@@ -1,0 +1,220 @@
+"""Database schema and engine: studies, instances, jobs, results and the delivery outbox.
+
+SQLite (WAL, busy timeout, synchronous FULL by default) is the embedded default; the same models run on
+PostgreSQL through the URL in the configuration. The schema is owned by alembic (``migrations/``);
+``alembic check`` in the tests keeps these models and the migrations in step.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+UID_LENGTH = 64  # PS3.5: a UID is at most 64 characters
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    """The current time in UTC (stored naive-free; SQLite keeps ISO text)."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timestamp stored in UTC that always comes back timezone-aware (SQLite drops the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is not None:
+            value = value.astimezone(UTC)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class JobState(enum.StrEnum):
+    """Life of an inference job."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class DeliveryState(enum.StrEnum):
+    """Life of one result object on its way to one destination."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    DEAD = "dead"  # gave up (permanent rejection or retries exhausted); `dicomnode retry` resends
+
+
+class Study(Base):
+    """A study the node holds (one row per Study Instance UID)."""
+
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH), unique=True)
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    study_date: Mapped[str | None] = mapped_column(String(8))
+    first_received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+
+
+class Instance(Base):
+    """One stored SOP instance; ``path`` is relative to the storage folder."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
+    modality: Mapped[str | None] = mapped_column(String(16))
+    path: Mapped[str] = mapped_column(String(512))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    calling_ae_title: Mapped[str | None] = mapped_column(String(16))
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # the job whose creation took this instance in; NULL while the study is still arriving
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), index=True)
+
+    __table_args__ = (Index("ix_instances_pending", "study_id", "job_id"),)
+
+
+class Job(Base):
+    """An inference job over a whole study, created when the study has been stable."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    state: Mapped[JobState] = mapped_column(
+        Enum(JobState, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e]),
+        default=JobState.QUEUED,
+        index=True,
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    not_before: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    outcome: Mapped[str | None] = mapped_column(String(64))  # e.g. "reported", "no-model"
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class Result(Base):
+    """What one model found in one job (findings as JSON, see dicomnode.findings)."""
+
+    __tablename__ = "results"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    model_name: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(64))
+    findings_json: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    __table_args__ = (UniqueConstraint("job_id", "model_name", name="uq_results_job_model"),)
+
+
+class Outbox(Base):
+    """One result object to deliver to one destination, with its retry state."""
+
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
+    sop_class_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
+    path: Mapped[str] = mapped_column(String(512))  # relative to the storage folder
+    state: Mapped[DeliveryState] = mapped_column(
+        Enum(DeliveryState, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e]),
+        default=DeliveryState.PENDING,
+        index=True,
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (UniqueConstraint("destination", "sop_instance_uid", name="uq_outbox_destination_sop"),)
+
+
+def make_engine(database_url: str, *, synchronous: str = "FULL") -> Engine:
+    """An engine with SQLite set up for concurrent writers: WAL, busy timeout, foreign keys."""
+    is_sqlite = database_url.startswith("sqlite")
+    if is_sqlite:
+        db_path = database_url.removeprefix("sqlite:///")
+        if db_path and db_path != ":memory:":
+            Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(database_url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            # Let SQLAlchemy issue BEGIN itself (pysqlite's own transaction handling is off).
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA synchronous={synchronous}")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn: Any) -> None:
+            # IMMEDIATE takes the write lock up front, so two writers never deadlock upgrading.
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+        return engine
+    return create_engine(database_url, pool_pre_ping=True)
+
+
+def make_sessionmaker(engine: Engine) -> sessionmaker[Any]:
+    """Sessions that keep loaded attributes after commit (objects are read after the transaction)."""
+    return sessionmaker(engine, expire_on_commit=False)

@@ -1,0 +1,138 @@
+"""Findings: what a model concluded about a study, as plain data.
+
+These objects cross process and layer boundaries (worker -> database -> report), so they are frozen
+dataclasses with a JSON round trip and no dependency on torch, pydicom or the database.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class CodedConcept:
+    """A coded concept as DICOM uses it: (CodeValue, CodingSchemeDesignator, CodeMeaning)."""
+
+    value: str
+    scheme_designator: str
+    meaning: str
+
+    @classmethod
+    def parse(cls, text: str, meaning: str) -> CodedConcept:
+        """Build from the compact ``"SCT:233604007"`` notation used in model cards and the CLI."""
+        scheme, sep, value = text.partition(":")
+        if not sep or not scheme or not value:
+            raise ValueError(f"coded concept {text!r} is not of the form SCHEME:VALUE")
+        return cls(value=value, scheme_designator=scheme, meaning=meaning)
+
+    @property
+    def compact(self) -> str:
+        """The ``"SCT:233604007"`` notation."""
+        return f"{self.scheme_designator}:{self.value}"
+
+
+@dataclass(frozen=True)
+class LabelFinding:
+    """One label's result on one image (or on the whole study)."""
+
+    label: str  # machine name from the model card, e.g. "pneumonia"
+    display_name: str  # e.g. "Pneumonia"
+    concept: CodedConcept  # the finding's code, e.g. SCT 233604007 Pneumonia
+    probability: float  # 0..1
+    threshold: float  # the operating point the decision used
+    present: bool  # probability >= threshold
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.probability <= 1.0:
+            raise ValueError(f"probability {self.probability} of {self.label!r} is outside 0..1")
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which model produced the findings; enough for the SR's algorithm identification."""
+
+    name: str
+    version: str
+    display_name: str
+    manufacturer: str = "dicomnode"
+    device_observer_uid: str = ""  # stable per (name, version); derived by the model package
+
+
+@dataclass(frozen=True)
+class ImageFindings:
+    """The findings on one source image (one SOP instance, optionally one frame)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_instance_uid: str
+    path: str  # the stored instance the model read
+    findings: tuple[LabelFinding, ...]
+    frame_number: int | None = None
+    # label -> path of a float32 .npy heat map (rows x columns of the source image, 0..1)
+    heatmaps: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StudyFindings:
+    """All findings one model produced for one study in one job."""
+
+    study_instance_uid: str
+    model: ModelIdentity
+    images: tuple[ImageFindings, ...]
+    study_findings: tuple[LabelFinding, ...]  # study-level decision per label (see docs/architecture.md)
+    job_id: int | None = None
+
+    def to_json(self) -> str:
+        """Serialise for the database; :meth:`from_json` restores an equal object."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> StudyFindings:
+        data = json.loads(text)
+        return cls(
+            study_instance_uid=data["study_instance_uid"],
+            model=ModelIdentity(**data["model"]),
+            images=tuple(_image_from_dict(i) for i in data["images"]),
+            study_findings=tuple(_label_from_dict(f) for f in data["study_findings"]),
+            job_id=data.get("job_id"),
+        )
+
+
+def _label_from_dict(data: dict[str, Any]) -> LabelFinding:
+    return LabelFinding(
+        label=data["label"],
+        display_name=data["display_name"],
+        concept=CodedConcept(**data["concept"]),
+        probability=float(data["probability"]),
+        threshold=float(data["threshold"]),
+        present=bool(data["present"]),
+    )
+
+
+def _image_from_dict(data: dict[str, Any]) -> ImageFindings:
+    return ImageFindings(
+        sop_instance_uid=data["sop_instance_uid"],
+        sop_class_uid=data["sop_class_uid"],
+        series_instance_uid=data["series_instance_uid"],
+        path=data["path"],
+        findings=tuple(_label_from_dict(f) for f in data["findings"]),
+        frame_number=data.get("frame_number"),
+        heatmaps=dict(data.get("heatmaps", {})),
+    )
+
+
+def study_level(images: list[ImageFindings]) -> tuple[LabelFinding, ...]:
+    """The study-level decision: per label, the image with the highest probability decides.
+
+    A chest study with PA and lateral views is positive when any view is; the probability reported
+    for the study is the maximum over its images.
+    """
+    best: dict[str, LabelFinding] = {}
+    for image in images:
+        for finding in image.findings:
+            current = best.get(finding.label)
+            if current is None or finding.probability > current.probability:
+                best[finding.label] = finding
+    return tuple(best[k] for k in sorted(best))

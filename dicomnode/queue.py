@@ -1,0 +1,352 @@
+"""Study assembly and the job queue, on the database.
+
+* :meth:`JobQueue.record_instance` indexes one stored instance (idempotent per SOP Instance UID).
+* :meth:`JobQueue.assemble_stable_studies` turns studies quiet for ``stable_after_seconds`` into jobs.
+  Instances arriving after a job was made start a new job for the study (which covers the whole study).
+* :meth:`JobQueue.claim` leases a queued job to one worker; an expired lease (a crashed or killed
+  worker) puts the job back. Claims are a conditional UPDATE, so they work the same on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomnode.db import Instance, Job, JobState, Study, utcnow
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """What the listener knows about a stored instance."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    transfer_syntax_uid: str
+    path: str
+    size_bytes: int
+    patient_id: str | None = None
+    study_date: str | None = None
+    modality: str | None = None
+    calling_ae_title: str | None = None
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    """A job leased to one worker."""
+
+    id: int
+    study_id: int
+    study_instance_uid: str
+    attempts: int
+    max_attempts: int
+    owner: str
+
+
+@dataclass(frozen=True)
+class JobInstance:
+    """An instance a job covers."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_instance_uid: str
+    path: str
+    calling_ae_title: str | None
+
+
+class JobQueue:
+    """Database-backed study assembly and job leasing."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.sessions = sessions
+        # SQLite serialises writers anyway; serialising them in-process first avoids busy waits.
+        self._write_lock = threading.Lock()
+
+    # --- receiving ---------------------------------------------------------------------------------
+
+    def has_instance(self, sop_instance_uid: str) -> bool:
+        with self.sessions() as session:
+            found = session.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid))
+            return found is not None
+
+    def record_instance(self, record: InstanceRecord) -> bool:
+        """Index a stored instance; return False when it was already indexed (a resend)."""
+        now = utcnow()
+        with self._write_lock, self.sessions.begin() as session:
+            if session.scalar(
+                select(Instance.id).where(Instance.sop_instance_uid == record.sop_instance_uid)
+            ):
+                return False
+            study = session.scalar(select(Study).where(Study.study_instance_uid == record.study_instance_uid))
+            if study is None:
+                study = Study(
+                    study_instance_uid=record.study_instance_uid,
+                    patient_id=record.patient_id,
+                    study_date=record.study_date,
+                    first_received_at=now,
+                    last_received_at=now,
+                )
+                session.add(study)
+                session.flush()
+            else:
+                study.last_received_at = now
+            session.add(
+                Instance(
+                    sop_instance_uid=record.sop_instance_uid,
+                    sop_class_uid=record.sop_class_uid,
+                    study_id=study.id,
+                    series_instance_uid=record.series_instance_uid,
+                    transfer_syntax_uid=record.transfer_syntax_uid,
+                    modality=record.modality,
+                    path=record.path,
+                    size_bytes=record.size_bytes,
+                    calling_ae_title=record.calling_ae_title,
+                    received_at=now,
+                )
+            )
+        return True
+
+    # --- assembling --------------------------------------------------------------------------------
+
+    def assemble_stable_studies(
+        self, stable_after_seconds: float, max_attempts: int, now: datetime | None = None
+    ) -> list[int]:
+        """Create a job for every study whose not-yet-queued instances have been quiet long enough."""
+        now = now or utcnow()
+        cutoff = now - timedelta(seconds=stable_after_seconds)
+        created: list[int] = []
+        with self._write_lock, self.sessions.begin() as session:
+            rows = session.execute(
+                select(Instance.study_id, func.max(Instance.received_at))
+                .where(Instance.job_id.is_(None))
+                .group_by(Instance.study_id)
+            ).all()
+            for study_id, last in rows:
+                if last is not None and _aware(last) > cutoff:
+                    continue
+                job = Job(
+                    study_id=study_id,
+                    state=JobState.QUEUED,
+                    max_attempts=max_attempts,
+                    created_at=now,
+                    updated_at=now,
+                    not_before=now,
+                )
+                session.add(job)
+                session.flush()
+                session.execute(
+                    update(Instance)
+                    .where(and_(Instance.study_id == study_id, Instance.job_id.is_(None)))
+                    .values(job_id=job.id)
+                )
+                created.append(job.id)
+        for job_id in created:
+            logger.info("job %d queued", job_id)
+        return created
+
+    # --- leasing -----------------------------------------------------------------------------------
+
+    def requeue_expired(self, now: datetime | None = None) -> int:
+        """Put back running jobs whose lease ran out (their worker died); fail those out of attempts."""
+        now = now or utcnow()
+        with self._write_lock, self.sessions.begin() as session:
+            expired = session.scalars(
+                select(Job).where(Job.state == JobState.RUNNING, Job.lease_expires_at < now)
+            ).all()
+            for job in expired:
+                reason = f"worker {job.lease_owner} stopped while running the job (lease expired)"
+                job.lease_owner = None
+                job.lease_expires_at = None
+                job.updated_at = now
+                if job.attempts >= job.max_attempts:
+                    job.state = JobState.FAILED
+                    job.finished_at = now
+                    job.error = reason
+                    logger.error("job %d failed: %s", job.id, reason)
+                else:
+                    job.state = JobState.QUEUED
+                    job.error = reason
+                    logger.warning("job %d requeued: %s", job.id, reason)
+            return len(expired)
+
+    def claim(self, owner: str, lease_seconds: float, now: datetime | None = None) -> ClaimedJob | None:
+        """Lease the oldest due queued job to ``owner``, or return None when there is none."""
+        now = now or utcnow()
+        with self._write_lock, self.sessions.begin() as session:
+            candidates = (
+                session.execute(
+                    select(Job.id)
+                    .where(Job.state == JobState.QUEUED, Job.not_before <= now)
+                    .order_by(Job.id)
+                    .limit(5)
+                )
+                .scalars()
+                .all()
+            )
+            for job_id in candidates:
+                result: Any = session.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.state == JobState.QUEUED)
+                    .values(
+                        state=JobState.RUNNING,
+                        lease_owner=owner,
+                        lease_expires_at=now + timedelta(seconds=lease_seconds),
+                        attempts=Job.attempts + 1,
+                        started_at=now,
+                        updated_at=now,
+                    )
+                )
+                if result.rowcount == 1:
+                    job = session.get(Job, job_id)
+                    assert job is not None
+                    session.refresh(job)
+                    study = session.get(Study, job.study_id)
+                    assert study is not None
+                    return ClaimedJob(
+                        id=job.id,
+                        study_id=job.study_id,
+                        study_instance_uid=study.study_instance_uid,
+                        attempts=job.attempts,
+                        max_attempts=job.max_attempts,
+                        owner=owner,
+                    )
+        return None
+
+    def heartbeat(self, job: ClaimedJob, lease_seconds: float) -> bool:
+        """Extend the lease; False when the job is no longer ours (it was requeued)."""
+        now = utcnow()
+        with self._write_lock, self.sessions.begin() as session:
+            result: Any = session.execute(
+                update(Job)
+                .where(Job.id == job.id, Job.lease_owner == job.owner, Job.state == JobState.RUNNING)
+                .values(lease_expires_at=now + timedelta(seconds=lease_seconds), updated_at=now)
+            )
+            return bool(result.rowcount == 1)
+
+    def complete(self, job: ClaimedJob, outcome: str, session: Session | None = None) -> None:
+        """Mark the job done. Pass ``session`` to commit it together with the job's results."""
+        values = dict(
+            state=JobState.DONE,
+            outcome=outcome,
+            finished_at=utcnow(),
+            updated_at=utcnow(),
+            lease_owner=None,
+            lease_expires_at=None,
+            error=None,
+        )
+        statement = update(Job).where(Job.id == job.id, Job.lease_owner == job.owner).values(**values)
+        if session is not None:
+            session.execute(statement)
+            return
+        with self._write_lock, self.sessions.begin() as own:
+            own.execute(statement)
+
+    def fail(
+        self, job: ClaimedJob, error: str, *, retry_delay_seconds: float = 0.0, permanent: bool = False
+    ) -> JobState:
+        """Record a failed attempt: requeue with a delay while attempts remain, else fail for good."""
+        now = utcnow()
+        final = permanent or job.attempts >= job.max_attempts
+        state = JobState.FAILED if final else JobState.QUEUED
+        with self._write_lock, self.sessions.begin() as session:
+            session.execute(
+                update(Job)
+                .where(Job.id == job.id, Job.lease_owner == job.owner)
+                .values(
+                    state=state,
+                    error=error[:4000],
+                    updated_at=now,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    finished_at=now if final else None,
+                    not_before=now + timedelta(seconds=retry_delay_seconds),
+                )
+            )
+        log = logger.error if final else logger.warning
+        log("job %d %s after attempt %d/%d: %s", job.id, state.value, job.attempts, job.max_attempts, error)
+        return state
+
+    def force_fail(self, job_id: int, error: str) -> None:
+        """Fail a job regardless of its lease (used by a watchdog that is about to kill its worker)."""
+        now = utcnow()
+        with self._write_lock, self.sessions.begin() as session:
+            job = session.get(Job, job_id)
+            if job is None or job.state != JobState.RUNNING:
+                return
+            final = job.attempts >= job.max_attempts
+            job.state = JobState.FAILED if final else JobState.QUEUED
+            job.error = error
+            job.updated_at = now
+            job.lease_owner = None
+            job.lease_expires_at = None
+            if final:
+                job.finished_at = now
+
+    def instances_for(self, job_id: int) -> list[JobInstance]:
+        """Every instance of the job's study known when the job was made (the whole study so far)."""
+        with self.sessions() as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                return []
+            rows = (
+                session.execute(
+                    select(Instance)
+                    .where(
+                        Instance.study_id == job.study_id,
+                        Instance.job_id.is_not(None),
+                        Instance.job_id <= job_id,
+                    )
+                    .order_by(Instance.series_instance_uid, Instance.id)
+                )
+                .scalars()
+                .all()
+            )
+            return [
+                JobInstance(
+                    r.sop_instance_uid, r.sop_class_uid, r.series_instance_uid, r.path, r.calling_ae_title
+                )
+                for r in rows
+            ]
+
+    def requeue(self, job_ids: Sequence[int]) -> int:
+        """Queue failed or finished jobs again (operator's ``dicomnode retry``)."""
+        now = utcnow()
+        with self._write_lock, self.sessions.begin() as session:
+            result: Any = session.execute(
+                update(Job)
+                .where(Job.id.in_(job_ids), Job.state.in_([JobState.FAILED, JobState.DONE]))
+                .values(
+                    state=JobState.QUEUED,
+                    attempts=0,
+                    not_before=now,
+                    updated_at=now,
+                    error=None,
+                    finished_at=None,
+                )
+            )
+            return int(result.rowcount)
+
+
+def _aware(value: datetime) -> datetime:
+    from datetime import UTC
+
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def record_or_ignore(queue: JobQueue, record: InstanceRecord) -> bool:
+    """record_instance that treats a concurrent duplicate insert as a resend."""
+    try:
+        return queue.record_instance(record)
+    except IntegrityError:
+        return False

@@ -1,0 +1,202 @@
+"""Findings -> a Secondary Capture key image: the radiograph, the heat map blended in, the result burned in.
+
+Many viewers do not render TID 1500 SRs without image coordinates, so this RGB image travels alongside
+the SR (never instead of it). Burned In Annotation is YES: the text is part of the pixels.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from pathlib import Path
+
+import highdicom as hd
+import matplotlib
+import numpy as np
+from matplotlib import font_manager
+from PIL import Image, ImageDraw, ImageFont
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+
+from dicomnode.errors import InvalidDatasetError
+from dicomnode.findings import ImageFindings, LabelFinding, StudyFindings
+from dicomnode.report.context import BUILD_CHARACTER_SET, apply_source_context, encodable
+from dicomnode.report.sr import series_description
+from dicomnode.report.uids import derive_uid, job_key
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_KEY_IMAGE_SERIES_NUMBER = 9901
+DEFAULT_MAX_SIZE = 1024
+HEATMAP_COLORMAP = "jet"
+HEATMAP_FLOOR = 0.3  # map values below this stay transparent
+HEATMAP_MAX_ALPHA = 0.5
+
+
+def key_image_uids(findings: StudyFindings, image: ImageFindings) -> tuple[str, str]:
+    """(Series Instance UID, SOP Instance UID) of the key image for ``image``; stable across rebuilds."""
+    key = job_key(findings)
+    return (
+        derive_uid(*key, "key-image-series"),
+        derive_uid(*key, "key-image", image.sop_instance_uid, str(image.frame_number)),
+    )
+
+
+def result_text(finding: LabelFinding) -> str:
+    """The burned-in line for one label, e.g. ``"AI: Pneumonia 87 % — not verified"``."""
+    return f"AI: {finding.display_name} {round(finding.probability * 100)} % — not verified"
+
+
+def build_key_image(
+    study_findings: StudyFindings,
+    image_findings: ImageFindings,
+    source_dataset: Dataset,
+    display_image: np.ndarray,
+    heatmap: np.ndarray | str | Path | None,
+    *,
+    series_number: int = DEFAULT_KEY_IMAGE_SERIES_NUMBER,
+    instance_number: int = 1,
+    manufacturer: str = "dicomnode",
+    max_size: int = DEFAULT_MAX_SIZE,
+    content_datetime: datetime.datetime | None = None,
+) -> Dataset:
+    """Build the Secondary Capture key image (RGB, 8 bit) for one source image.
+
+    ``display_image`` is the source as displayed (uint8, grey ``(rows, columns)`` or RGB
+    ``(rows, columns, 3)``); ``heatmap`` is a float map in 0..1 of any size (or a ``.npy`` path),
+    blended for the highest-probability label. The image is downscaled so its longest side is at most
+    ``max_size``; one line per label is burned in.
+    """
+    if str(source_dataset.SOPInstanceUID) != image_findings.sop_instance_uid:
+        raise InvalidDatasetError(
+            f"source {source_dataset.SOPInstanceUID} is not the image {image_findings.sop_instance_uid}"
+        )
+    rgb = _to_rgb(display_image)
+    rgb = _downscale(rgb, max_size)
+    if heatmap is not None:
+        heat = np.load(heatmap) if isinstance(heatmap, str | Path) else np.asarray(heatmap)
+        rgb = blend_heatmap(rgb, heat)
+    lines = [result_text(f) for f in sorted(image_findings.findings, key=lambda f: -f.probability)]
+    rgb = burn_in_text(rgb, lines)
+
+    series_uid, sop_uid = key_image_uids(study_findings, image_findings)
+    character_set = source_dataset.get("SpecificCharacterSet") or "ISO_IR 6"
+    now = content_datetime or datetime.datetime.now()
+    image = hd.sc.SCImage(
+        pixel_array=rgb,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        study_instance_uid=str(source_dataset.StudyInstanceUID),
+        series_instance_uid=series_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_uid,
+        instance_number=instance_number,
+        manufacturer=manufacturer,
+        patient_orientation=("L", "F"),  # placeholder; replaced by the source's value below
+        specific_character_set=BUILD_CHARACTER_SET,
+        series_description=encodable(series_description(study_findings, "key image"), character_set),
+        content_date=now.date(),
+        content_time=now.time().replace(microsecond=0),
+    )
+    image.BurnedInAnnotation = "YES"
+    image.ConversionType = "WSD"  # workstation-made, not a digitised film or video (highdicom writes DI)
+    image.RecognizableVisualFeatures = "NO"
+    image.ImageComments = encodable("; ".join(lines), character_set)
+    image.PatientOrientation = list(source_dataset.get("PatientOrientation") or [])
+    if source_dataset.get("BodyPartExamined"):
+        image.BodyPartExamined = source_dataset.BodyPartExamined
+    laterality = _laterality(source_dataset)
+    if laterality:
+        image.Laterality = laterality
+    image.DerivationDescription = encodable(
+        f"{study_findings.model.name} {study_findings.model.version} heat map and result burned in",
+        character_set,
+    )[:1024]
+    image.SourceImageSequence = DicomSequence([_source_reference(image_findings)])
+    apply_source_context(image, source_dataset)
+    return image
+
+
+def _laterality(source: Dataset) -> str | None:
+    """The source's (0020,0060) Laterality, or its Image Laterality when that names one side."""
+    for keyword in ("Laterality", "ImageLaterality"):
+        value = str(source.get(keyword) or "")
+        if value in ("L", "R"):
+            return value
+    return None
+
+
+def _source_reference(image: ImageFindings) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = image.sop_class_uid
+    item.ReferencedSOPInstanceUID = image.sop_instance_uid
+    if image.frame_number is not None:
+        item.ReferencedFrameNumber = image.frame_number
+    return item
+
+
+def _to_rgb(display_image: np.ndarray) -> np.ndarray:
+    array = np.asarray(display_image)
+    if array.dtype != np.uint8:
+        raise ValueError(f"display image must be uint8, not {array.dtype}")
+    if array.ndim == 2:
+        return np.repeat(array[:, :, np.newaxis], 3, axis=2)
+    if array.ndim == 3 and array.shape[2] == 3:
+        return array
+    raise ValueError(f"display image must be (rows, columns) or (rows, columns, 3), not {array.shape}")
+
+
+def _downscale(rgb: np.ndarray, max_size: int) -> np.ndarray:
+    rows, columns = rgb.shape[:2]
+    scale = max_size / max(rows, columns)
+    if scale >= 1.0:
+        return np.ascontiguousarray(rgb)
+    size = (max(1, round(columns * scale)), max(1, round(rows * scale)))
+    return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.LANCZOS))
+
+
+def blend_heatmap(rgb: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
+    """Alpha-blend ``heatmap`` (0..1, any size) over ``rgb`` with a colormap where the map is high."""
+    heat = np.nan_to_num(np.asarray(heatmap, dtype=np.float32).squeeze(), nan=0.0)
+    if heat.ndim != 2:
+        raise ValueError(f"heat map must be two-dimensional, not {heat.shape}")
+    rows, columns = rgb.shape[:2]
+    if heat.shape != (rows, columns):
+        heat = np.asarray(Image.fromarray(heat, mode="F").resize((columns, rows), Image.Resampling.BILINEAR))
+    heat = np.clip(heat, 0.0, 1.0)
+    colours = matplotlib.colormaps[HEATMAP_COLORMAP](heat)[:, :, :3] * 255.0
+    alpha = np.clip((heat - HEATMAP_FLOOR) / (1.0 - HEATMAP_FLOOR), 0.0, 1.0)[:, :, np.newaxis]
+    alpha *= HEATMAP_MAX_ALPHA
+    blended = rgb.astype(np.float32) * (1.0 - alpha) + colours * alpha
+    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """DejaVu Sans as shipped with matplotlib (covers Latin, Greek, Cyrillic and the em dash)."""
+    try:
+        path = font_manager.findfont("DejaVu Sans", fallback_to_default=False)
+        return ImageFont.truetype(path, size)
+    except (OSError, ValueError):
+        logger.debug("DejaVu Sans not found; using Pillow's default font")
+        return ImageFont.load_default(size=size)
+
+
+def burn_in_text(rgb: np.ndarray, lines: list[str]) -> np.ndarray:
+    """Draw ``lines`` at the top left, white with a black outline, sized to the image width."""
+    image = Image.fromarray(rgb)
+    draw = ImageDraw.Draw(image)
+    size = max(12, image.width // 36)
+    font = _font(size)
+    y = size // 2
+    for line in lines:
+        draw.text(
+            (size // 2, y),
+            line,
+            fill=(255, 255, 255),
+            font=font,
+            stroke_width=max(1, size // 12),
+            stroke_fill=(0, 0, 0),
+        )
+        y += int(size * 1.3)
+    return np.asarray(image)

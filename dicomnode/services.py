@@ -1,0 +1,43 @@
+"""Wiring shared by the CLI commands: engine, migrations, store and queue built from one Config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicomnode import migrate
+from dicomnode.config import Config
+from dicomnode.db import make_engine, make_sessionmaker
+from dicomnode.queue import JobQueue
+from dicomnode.store import InstanceStore
+
+
+@dataclass
+class Services:
+    """The long-lived objects one process needs, built once from the configuration."""
+
+    config: Config
+    engine: Engine
+    sessions: sessionmaker[Session]
+    queue: JobQueue
+
+    def store(self) -> InstanceStore:
+        return InstanceStore(
+            self.config.storage.path, min_free_bytes=self.config.node.min_free_disk_mb * 1024 * 1024
+        )
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def open_services(config: Config, *, upgrade: bool = False, **_: Any) -> Services:
+    """Open the database (optionally migrating it to the newest schema) and the job queue."""
+    config.storage.path.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(config.storage.database_url, synchronous=config.storage.sqlite_synchronous)
+    if upgrade:
+        migrate.upgrade(engine)
+    sessions = make_sessionmaker(engine)
+    return Services(config=config, engine=engine, sessions=sessions, queue=JobQueue(sessions))
