@@ -31,6 +31,8 @@ def configure_logging(level: str) -> None:
     )
     # pynetdicom logs every PDU at INFO; keep its routine chatter out of the operator's log.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def _print_json(value: Any) -> None:
@@ -96,9 +98,8 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(status)
         return EXIT_OK
-    print(
-        f"listener: {status['listener']['ae_title']} on {status['listener']['host']}:{status['listener']['port']}"
-    )
+    listener = status["listener"]
+    print(f"listener: {listener['ae_title']} on {listener['host']}:{listener['port']}")
     print(f"studies: {status['studies']}  instances: {status['instances']}")
     print("jobs: " + ", ".join(f"{k} {v}" for k, v in status["jobs"].items()))
     print("deliveries: " + ", ".join(f"{k} {v}" for k, v in status["deliveries"].items()))
@@ -191,28 +192,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="override logging.level"
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    # --config is accepted after the subcommand too (`dicomnode serve --config FILE`)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", default=argparse.SUPPRESS, help="configuration file")
+    common.add_argument(
+        "--log-level", default=argparse.SUPPRESS, choices=["DEBUG", "INFO", "WARNING", "ERROR"]
+    )
 
-    p = sub.add_parser("serve", help="run the listener, workers and sender until SIGTERM")
+    p = sub.add_parser("serve", parents=[common], help="run the listener, workers and sender until SIGTERM")
     p.add_argument("--port-file", help="write the bound port here (useful with node.port = 0)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("worker", help="run one inference worker (serve starts these itself)")
+    p = sub.add_parser(
+        "worker", parents=[common], help="run one inference worker (serve starts these itself)"
+    )
     p.add_argument("--burst", action="store_true", help="drain the queue once and exit")
     p.set_defaults(func=cmd_worker)
 
-    p = sub.add_parser("sender", help="run the result sender (serve starts it itself)")
+    p = sub.add_parser("sender", parents=[common], help="run the result sender (serve starts it itself)")
     p.add_argument("--burst", action="store_true", help="deliver what is due once and exit")
     p.set_defaults(func=cmd_sender)
 
-    p = sub.add_parser("studies", help="list the studies held, newest first")
+    p = sub.add_parser("studies", parents=[common], help="list the studies held, newest first")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_studies)
 
-    p = sub.add_parser("status", help="counts by state, disk use, listener address")
+    p = sub.add_parser("status", parents=[common], help="counts by state, disk use, listener address")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("echo", help="C-ECHO a DICOM peer")
+    p = sub.add_parser("echo", parents=[common], help="C-ECHO a DICOM peer")
     p.add_argument("host")
     p.add_argument("port", type=int)
     p.add_argument("ae_title", help="the peer's (called) AE title")
@@ -220,18 +229,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=10.0)
     p.set_defaults(func=cmd_echo)
 
-    p = sub.add_parser("db", help="database migrations")
+    p = sub.add_parser("db", parents=[common], help="database migrations")
     p.add_argument("action", choices=["upgrade", "downgrade", "check"])
     p.add_argument("revision", nargs="?")
     p.set_defaults(func=cmd_db)
 
-    p = sub.add_parser("retry", help="send again / rerun what failed for a job id or a study instance uid")
+    p = sub.add_parser(
+        "retry", parents=[common], help="send again / rerun what failed for a job id or a study instance uid"
+    )
     p.add_argument("target", help="job id (a number) or Study Instance UID")
     p.set_defaults(func=cmd_retry)
 
     from dicomnode import cli_models
 
-    cli_models.add_commands(sub)
+    cli_models.add_commands(sub, common)
     return parser
 
 

@@ -142,6 +142,7 @@ class Job(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     outcome: Mapped[str | None] = mapped_column(String(64))  # e.g. "reported", "no-model"
     error: Mapped[str | None] = mapped_column(Text)
+    routing_json: Mapped[str | None] = mapped_column(Text)  # per instance: route, model, reason
 
 
 class Result(Base):
@@ -154,6 +155,7 @@ class Result(Base):
     model_name: Mapped[str] = mapped_column(String(128))
     model_version: Mapped[str] = mapped_column(String(64))
     findings_json: Mapped[str] = mapped_column(Text)
+    objects_json: Mapped[str | None] = mapped_column(Text)  # the DICOM objects built: uids, class, path
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     __table_args__ = (UniqueConstraint("job_id", "model_name", name="uq_results_job_model"),)

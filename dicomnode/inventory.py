@@ -158,7 +158,9 @@ def retry(services: Services, target: str) -> tuple[int, int]:
         else:
             study = session.scalar(select(Study).where(Study.study_instance_uid == target))
             job_ids = list(session.scalars(select(Job.id).where(Job.study_id == study.id))) if study else []
-        failed = list(session.scalars(select(Job.id).where(Job.id.in_(job_ids), Job.state == JobState.FAILED)))
+        failed = list(
+            session.scalars(select(Job.id).where(Job.id.in_(job_ids), Job.state == JobState.FAILED))
+        )
     jobs = services.queue.requeue(failed) if failed else 0
     sender = Sender.from_config(services.config, services.sessions)
     if target.isdigit():

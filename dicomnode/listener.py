@@ -12,7 +12,6 @@ import io
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -296,7 +295,10 @@ def start_listener(
 
 
 def stop_listener(server: ThreadedAssociationServer, *, grace_seconds: float = 30.0) -> int:
-    """Stop accepting, let in-flight associations finish (up to ``grace_seconds``); return how many remained."""
+    """Stop accepting and let in-flight associations finish (up to ``grace_seconds``).
+
+    Returns how many were still open and had to be aborted.
+    """
     server.shutdown()
     deadline = time.monotonic() + grace_seconds
     while server.active_associations and time.monotonic() < deadline:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -72,6 +73,12 @@ class JobQueue:
         self.sessions = sessions
         # SQLite serialises writers anyway; serialising them in-process first avoids busy waits.
         self._write_lock = threading.Lock()
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A write transaction serialised with this process's other writers."""
+        with self._write_lock, self.sessions.begin() as session:
+            yield session
 
     # --- receiving ---------------------------------------------------------------------------------
 

@@ -55,6 +55,7 @@ def upgrade() -> None:
         sa.Column("lease_expires_at", dicomnode.db.UTCDateTime(), nullable=True),
         sa.Column("outcome", sa.String(length=64), nullable=True),
         sa.Column("error", sa.Text(), nullable=True),
+        sa.Column("routing_json", sa.Text(), nullable=True),
         sa.ForeignKeyConstraint(["study_id"], ["studies.id"], name=op.f("fk_jobs_study_id_studies")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_jobs")),
     )
@@ -125,6 +126,7 @@ def upgrade() -> None:
         sa.Column("model_name", sa.String(length=128), nullable=False),
         sa.Column("model_version", sa.String(length=64), nullable=False),
         sa.Column("findings_json", sa.Text(), nullable=False),
+        sa.Column("objects_json", sa.Text(), nullable=True),
         sa.Column("created_at", dicomnode.db.UTCDateTime(), nullable=False),
         sa.ForeignKeyConstraint(["job_id"], ["jobs.id"], name=op.f("fk_results_job_id_jobs")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_results")),

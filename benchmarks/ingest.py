@@ -1,0 +1,496 @@
+"""Ingest benchmark: C-STORE throughput of dicomnode against dcmtk storescp and Orthanc.
+
+Generates two workloads in a temporary folder (500 CT-like 512x512 16-bit instances, 50 DX-like
+2048x2048 16-bit radiographs, explicit VR little endian), then sends each with dcmtk ``storescu``
+over one association and over four parallel associations (the files dealt into four groups, four
+``storescu`` processes at once) to each receiver:
+
+* ``storescp``  dcmtk's reference SCP writing files (``-od``); ``--fork`` for parallel associations,
+  since a single-process storescp serves one association at a time. It does not fsync.
+* ``dicomnode`` ``dicomnode serve`` (fsync of file and folder, SQLite row committed before success).
+* ``orthanc``   ``/usr/sbin/Orthanc`` (fsync of file, SQLite index committed before success).
+
+Every measurement gets a fresh receiver with empty storage, started and idle before the clock starts.
+Wall time runs from starting the storescu processes until all have exited; then every instance is
+checked to have arrived (files for storescp, ``dicomnode studies --json``, Orthanc ``/statistics``).
+Compare ratios within one run, never absolute numbers across machines.
+
+    python benchmarks/ingest.py [--quick] [--receivers storescp,dicomnode,orthanc] [--json OUT]
+                                [--repeat N] [--dicomnode-set node.max_pdu_size=0 ...]
+
+``PYTHONPATH=/some/copy`` runs a modified copy of the dicomnode package (it is started with
+``python -m dicomnode``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _workloads import Workload, generate_workloads  # noqa: E402
+
+HOST = "127.0.0.1"
+CALLING_AE = "BENCHSCU"
+ORTHANC_BINARY = "/usr/sbin/Orthanc"
+ALL_RECEIVERS = ("storescp", "dicomnode", "orthanc")
+TARGET_VS_ORTHANC = 1.2  # dicomnode >= 1.2x Orthanc on every workload
+TARGET_VS_STORESCP_CT_SINGLE = 0.5  # dicomnode >= 0.5x storescp on CT over one association
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+@dataclass
+class Measurement:
+    """One send of one workload to one receiver."""
+
+    receiver: str
+    workload: str
+    associations: int
+    instances: int
+    bytes: int
+    seconds: float
+    received: int
+
+    @property
+    def instances_per_second(self) -> float:
+        return self.instances / self.seconds
+
+    @property
+    def mb_per_second(self) -> float:
+        return self.bytes / 1e6 / self.seconds
+
+
+# --- process helpers ---------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(predicate: Any, timeout: float, what: str, process: subprocess.Popen[bytes] | None = None) -> None:
+    """Poll ``predicate`` until true; fail with ``what`` at the deadline or when ``process`` died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{what}: the process exited with code {process.returncode}")
+        time.sleep(0.1)
+    raise TimeoutError(f"{what}: not ready after {timeout:.0f} s")
+
+
+def echo_ok(ae_title: str, port: int) -> bool:
+    result = subprocess.run(
+        ["echoscu", "-aet", CALLING_AE, "-aec", ae_title, "-to", "5", HOST, str(port)],
+        env=DCMTK_ENV,
+        capture_output=True,
+        check=False,
+    )
+    return result.returncode == 0
+
+
+def _group_cpu_ticks(pgid: int) -> int:
+    """User+system clock ticks of every live process in process group ``pgid``."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[2]) == pgid:  # fields[0] is the state; pgrp is field 5 of stat
+            total += int(fields[11]) + int(fields[12])
+    return total
+
+
+def wait_idle(pgid: int, timeout: float = 60.0, window: float = 0.5, max_share: float = 0.05) -> None:
+    """Wait until the receiver's processes use under ``max_share`` of a core (imports, migrations done)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    deadline = time.monotonic() + timeout
+    before = _group_cpu_ticks(pgid)
+    while time.monotonic() < deadline:
+        time.sleep(window)
+        after = _group_cpu_ticks(pgid)
+        if (after - before) / hz / window < max_share:
+            return
+        before = after
+    print(f"  warning: receiver still busy after {timeout:.0f} s; measuring anyway", file=sys.stderr)
+
+
+class Receiver:
+    """A C-STORE SCP under test, started in its own process group with empty storage."""
+
+    name = "receiver"
+    ae_title = "RECEIVER"
+
+    def __init__(self, workdir: Path, parallel: bool) -> None:
+        self.workdir = workdir
+        self.parallel = parallel
+        self.port = 0
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log = workdir / f"{self.name}.log"
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def env(self) -> dict[str, str]:
+        return DCMTK_ENV
+
+    def ready(self) -> bool:
+        return echo_ok(self.ae_title, self.port)
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.env(), start_new_session=True
+            )
+        wait_until(self.ready, 120.0, f"{self.name} start", self.process)
+        wait_idle(self.process.pid)
+
+    def received(self) -> int:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """SIGTERM the receiver's process group, SIGKILL it after 30 s."""
+        process = self.process
+        if process is None:
+            return
+        self.process = None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        with contextlib.suppress(ProcessLookupError):  # children that outlived their parent
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+class StoreSCP(Receiver):
+    name = "storescp"
+    ae_title = "STORESCP"
+
+    def command(self) -> list[str]:
+        self.port = free_port()
+        self.output = self.workdir / "received"
+        self.output.mkdir(parents=True, exist_ok=True)
+        fork = ["--fork"] if self.parallel else []
+        return ["storescp", *fork, "-aet", self.ae_title, "-pdu", "131072", "-od", str(self.output), str(self.port)]
+
+    def received(self) -> int:
+        return sum(1 for p in self.output.iterdir() if p.is_file())
+
+
+class StoreSCPSingle(StoreSCP):
+    """storescp without ``--fork`` even for parallel associations: shows that it serialises them."""
+
+    name = "storescp-single"
+
+    def command(self) -> list[str]:
+        self.parallel = False
+        return super().command()
+
+
+class DicomNode(Receiver):
+    name = "dicomnode"
+    ae_title = "DICOMNODE"
+    overrides: Sequence[str] = ()
+
+    def _config(self) -> str:
+        storage = self.workdir / "storage"
+        sections: dict[str, dict[str, str]] = {
+            "node": {
+                "ae_title": f'"{self.ae_title}"',
+                "host": f'"{HOST}"',
+                "port": "0",
+                "min_free_disk_mb": "0",
+            },
+            "storage": {"path": f'"{storage}"', "database_url": f'"sqlite:///{storage}/db.sqlite"'},
+            "studies": {"stable_after_seconds": "3600"},
+            "worker": {"poll_interval_seconds": "60"},
+            "logging": {"level": '"INFO"'},
+        }
+        for override in self.overrides:
+            key, _, value = override.partition("=")
+            section, _, name = key.partition(".")
+            sections.setdefault(section, {})[name] = value
+        lines = ["destinations = []", ""]
+        for section, values in sections.items():
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {v}" for k, v in values.items()]
+            lines.append("")
+        return "\n".join(lines)
+
+    def command(self) -> list[str]:
+        self.config = self.workdir / "dicomnode.toml"
+        self.config.write_text(self._config())
+        self.port_file = self.workdir / "port"
+        return [sys.executable, "-m", "dicomnode", "--config", str(self.config), "serve", "--port-file",
+                str(self.port_file)]
+
+    def env(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    def ready(self) -> bool:
+        if not self.port_file.exists():
+            return False
+        text = self.port_file.read_text().strip()
+        if not text:
+            return False
+        self.port = int(text)
+        return echo_ok(self.ae_title, self.port)
+
+    def received(self) -> int:
+        out = subprocess.run(
+            [sys.executable, "-m", "dicomnode", "--config", str(self.config), "--log-level", "WARNING",
+             "studies", "--json"],
+            capture_output=True,
+            check=True,
+        ).stdout
+        return sum(len(study["instances"]) for study in json.loads(out))
+
+
+class Orthanc(Receiver):
+    name = "orthanc"
+    ae_title = "ORTHANC"
+
+    def command(self) -> list[str]:
+        self.port = free_port()
+        self.http_port = free_port()
+        config = {
+            "Name": "benchmark",
+            "StorageDirectory": str(self.workdir / "storage"),
+            "IndexDirectory": str(self.workdir / "index"),
+            "DicomAet": self.ae_title,
+            "DicomPort": self.port,
+            "HttpPort": self.http_port,
+            "DicomCheckCalledAet": False,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "Plugins": [],
+        }
+        path = self.workdir / "orthanc.json"
+        path.write_text(json.dumps(config, indent=2))
+        return [ORTHANC_BINARY, str(path)]
+
+    def _get(self, path: str) -> Any:
+        with urllib.request.urlopen(f"http://{HOST}:{self.http_port}{path}", timeout=5) as response:
+            return json.load(response)
+
+    def ready(self) -> bool:
+        try:
+            self._get("/system")
+        except OSError:
+            return False
+        return echo_ok(self.ae_title, self.port)
+
+    def received(self) -> int:
+        return int(self._get("/statistics")["CountInstances"])
+
+
+RECEIVER_CLASSES: dict[str, type[Receiver]] = {
+    "storescp": StoreSCP,
+    "storescp-single": StoreSCPSingle,
+    "dicomnode": DicomNode,
+    "orthanc": Orthanc,
+}
+
+
+# --- sending -----------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def running(receiver: Receiver) -> Iterator[Receiver]:
+    try:
+        receiver.start()
+        yield receiver
+    finally:
+        receiver.stop()
+
+
+def send(receiver: Receiver, groups: list[list[Path]], logdir: Path) -> float:
+    """Send each group over its own association, all at once; seconds until every storescu exited."""
+    processes: list[subprocess.Popen[bytes]] = []
+    logs = []
+    try:
+        started = time.perf_counter()
+        for index, files in enumerate(groups):
+            log = (logdir / f"storescu-{receiver.name}-{index}.log").open("wb")
+            logs.append(log)
+            argv = ["storescu", "-aet", CALLING_AE, "-aec", receiver.ae_title, HOST, str(receiver.port)]
+            processes.append(
+                subprocess.Popen([*argv, *map(str, files)], stdout=log, stderr=subprocess.STDOUT, env=DCMTK_ENV)
+            )
+        codes = [p.wait() for p in processes]
+        elapsed = time.perf_counter() - started
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for log in logs:
+            log.close()
+    if any(codes):
+        raise RuntimeError(f"storescu to {receiver.name} exited with {codes}; see {logdir}")
+    return elapsed
+
+
+def measure(name: str, workload: Workload, associations: int, root: Path, overrides: Sequence[str]) -> Measurement:
+    workdir = Path(tempfile.mkdtemp(prefix=f"{name}-{workload.name}-{associations}-", dir=root))
+    receiver = RECEIVER_CLASSES[name](workdir, parallel=associations > 1)
+    if isinstance(receiver, DicomNode):
+        receiver.overrides = overrides
+    try:
+        with running(receiver):
+            seconds = send(receiver, workload.split(associations), workdir)
+            received = receiver.received()
+    finally:
+        shutil.rmtree(workdir / "storage", ignore_errors=True)
+        shutil.rmtree(workdir / "received", ignore_errors=True)
+        shutil.rmtree(workdir / "index", ignore_errors=True)
+    if received != workload.count:
+        raise RuntimeError(f"{name} holds {received} of {workload.count} {workload.name} instances")
+    return Measurement(name, workload.name, associations, workload.count, workload.total_bytes, seconds, received)
+
+
+# --- reporting ---------------------------------------------------------------------------------------
+
+
+def _ratio(m: Measurement, rows: list[Measurement], reference: str) -> float | None:
+    for r in rows:
+        if (r.receiver, r.workload, r.associations) == (reference, m.workload, m.associations):
+            return m.instances_per_second / r.instances_per_second
+    return None
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def print_table(rows: list[Measurement]) -> None:
+    header = f"{'receiver':<16}{'workload':<9}{'assoc':>5}{'inst/s':>10}{'MB/s':>9}{'seconds':>9}" \
+             f"{'vs storescp':>13}{'vs orthanc':>12}"
+    print(header)
+    print("-" * len(header))
+    for m in sorted(rows, key=lambda r: (r.workload, r.associations, r.receiver)):
+        print(
+            f"{m.receiver:<16}{m.workload:<9}{m.associations:>5}{m.instances_per_second:>10.1f}"
+            f"{m.mb_per_second:>9.1f}{m.seconds:>9.2f}{_fmt(_ratio(m, rows, 'storescp')):>13}"
+            f"{_fmt(_ratio(m, rows, 'orthanc')):>12}"
+        )
+
+
+def check_targets(rows: list[Measurement]) -> list[dict[str, Any]]:
+    """The performance targets, each with its measured ratio and whether it is met."""
+    targets = []
+    for m in rows:
+        if m.receiver != "dicomnode":
+            continue
+        vs_orthanc = _ratio(m, rows, "orthanc")
+        if vs_orthanc is not None:
+            targets.append({"target": f"dicomnode >= {TARGET_VS_ORTHANC}x orthanc, {m.workload} x{m.associations}",
+                            "ratio": vs_orthanc, "met": vs_orthanc >= TARGET_VS_ORTHANC})
+        vs_storescp = _ratio(m, rows, "storescp")
+        if m.workload == "CT" and m.associations == 1 and vs_storescp is not None:
+            targets.append({"target": f"dicomnode >= {TARGET_VS_STORESCP_CT_SINGLE}x storescp, CT x1",
+                            "ratio": vs_storescp, "met": vs_storescp >= TARGET_VS_STORESCP_CT_SINGLE})
+    print()
+    for t in targets:
+        print(f"{'MET ' if t['met'] else 'MISS'}  {t['target']:<45} measured {t['ratio']:.2f}x")
+    return targets
+
+
+def median_measurement(samples: list[Measurement]) -> Measurement:
+    seconds = statistics.median(s.seconds for s in samples)
+    first = samples[0]
+    return Measurement(first.receiver, first.workload, first.associations, first.instances, first.bytes,
+                       seconds, first.received)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run: 100 CT and 10 DX instances")
+    parser.add_argument("--receivers", default=",".join(ALL_RECEIVERS),
+                        help=f"comma-separated, from {', '.join(RECEIVER_CLASSES)} (default: %(default)s)")
+    parser.add_argument("--workloads", default="CT,DX", help="comma-separated: CT, DX")
+    parser.add_argument("--associations", default="1,4", help="comma-separated association counts")
+    parser.add_argument("--repeat", type=int, default=1, help="sends per cell; the median is reported")
+    parser.add_argument("--dicomnode-set", action="append", default=[], metavar="SECTION.KEY=TOML",
+                        help="extra dicomnode configuration, e.g. storage.sqlite_synchronous='\"NORMAL\"'")
+    parser.add_argument("--workdir", type=Path, help="parent of the temporary folder (default: system temp)")
+    parser.add_argument("--json", type=Path, help="write the measurements and targets here")
+    args = parser.parse_args(argv)
+
+    receivers = [r.strip() for r in args.receivers.split(",") if r.strip()]
+    unknown = [r for r in receivers if r not in RECEIVER_CLASSES]
+    if unknown:
+        parser.error(f"unknown receivers: {', '.join(unknown)}")
+    if "orthanc" in receivers and not Path(ORTHANC_BINARY).exists():
+        print(f"{ORTHANC_BINARY} not found: skipping orthanc", file=sys.stderr)
+        receivers.remove("orthanc")
+    for tool in ("storescu", "echoscu"):
+        if shutil.which(tool) is None:
+            parser.error(f"dcmtk's {tool} is required")
+    associations = [int(a) for a in args.associations.split(",")]
+    wanted = {w.strip().upper() for w in args.workloads.split(",")}
+    ct_count, dx_count = (100, 10) if args.quick else (500, 50)
+
+    rows: list[Measurement] = []
+    root = Path(tempfile.mkdtemp(prefix="dicomnode-ingest-", dir=args.workdir))
+    try:
+        workloads = [w for w in generate_workloads(root / "workloads", ct_count=ct_count, dx_count=dx_count)
+                     if w.name in wanted]
+        for workload in workloads:
+            for count in associations:
+                for name in receivers:
+                    samples = [measure(name, workload, count, root, args.dicomnode_set) for _ in range(args.repeat)]
+                    m = median_measurement(samples)
+                    rows.append(m)
+                    print(f"  {name:<16}{workload.name} x{count}: {m.seconds:6.2f} s  "
+                          f"{m.instances_per_second:7.1f} inst/s  {m.mb_per_second:6.1f} MB/s  "
+                          f"({m.received}/{m.instances} verified)", flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    print()
+    print(f"ingest throughput ({os.cpu_count()} CPUs; compare ratios, not absolute numbers)")
+    print_table(rows)
+    targets = check_targets(rows)
+    if args.json:
+        payload = {
+            "cpus": os.cpu_count(),
+            "overrides": args.dicomnode_set,
+            "measurements": [
+                {**asdict(m), "instances_per_second": m.instances_per_second, "mb_per_second": m.mb_per_second}
+                for m in rows
+            ],
+            "targets": targets,
+        }
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
