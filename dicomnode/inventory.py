@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -84,6 +85,7 @@ def list_studies(sessions: sessionmaker[Session], storage_root: Path) -> list[di
                             "error": j.error,
                             "created_at": j.created_at.isoformat(),
                             "finished_at": j.finished_at.isoformat() if j.finished_at else None,
+                        "routing": json.loads(j.routing_json) if j.routing_json else None,
                         }
                         for j in jobs
                     ],

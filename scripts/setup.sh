@@ -24,10 +24,13 @@ if [ ! -x .venv/bin/python ]; then
     echo "== creating .venv with $($PYTHON --version)"
     "$PYTHON" -m venv .venv
 fi
-PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
+pip_install() {
+    # this machine's pip configuration names local indexes that may be absent; keep those warnings out
+    .venv/bin/python -m pip --disable-pip-version-check -q install "$@" 2>&1 | { grep -v "is ignored: it is neither" || true; }
+}
 echo "== installing torch 2.13.0 and the project"
-"${PIP[@]}" install torch==2.13.0
-"${PIP[@]}" install -e ".[test]"
+pip_install torch==2.13.0
+pip_install -e ".[test]"
 
 echo "== installing the default model"
 .venv/bin/dicomnode models install-default
