@@ -243,6 +243,14 @@ def cmd_dataset_check(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dataset_demo(config: Config, args: argparse.Namespace) -> int:
+    from dicomnode.demo import write_demo_dataset
+
+    csv_path = write_demo_dataset(Path(args.out))
+    print(f"16 demonstration radiographs and their labels written to {csv_path}")
+    return 0
+
+
 def _probabilities(config: Config, model: str, csv: str) -> tuple[Any, Any, list[Any]]:
     """Run the production path (decode under a time limit, the model card's preprocessing) on a dataset."""
     from dicomnode.datasets import load_labelled_dataset
@@ -284,7 +292,7 @@ def _header_or_empty(path: str | Path) -> Any:
 
 
 def cmd_evaluate(config: Config, args: argparse.Namespace) -> int:
-    from dicomnode.evaluation import CaseResult, evaluate, write_report
+    from dicomnode.evaluation import CaseResult, evaluate
 
     card, dataset, images = _probabilities(config, args.model, args.csv)
     labels = [label.name for label in card.labels if label.name in dataset.labels]
@@ -305,22 +313,38 @@ def cmd_evaluate(config: Config, args: argparse.Namespace) -> int:
     thresholds = {label.name: label.threshold for label in card.labels if label.name in labels}
     out_dir = Path(args.out) if args.out else None
     result = evaluate(cases, labels, thresholds, out_dir, n_bootstrap=args.bootstrap)
-    files = write_report(result, out_dir) if out_dir is not None else None
     summary = result.to_dict(include_roc=False)
     summary["model"] = {"name": card.name, "version": card.version}
     summary["unprocessed"] = failed
     if args.json:
         _print_json(summary)
     else:
-        for label, metrics in summary["overall"].items():
-            print(f"{label}: {json.dumps(metrics, default=str)}")
+        for label, m in summary["overall"].items():
+            print(_metrics_line(label, m))
         for caveat in summary.get("caveats", []):
             print(f"note: {caveat}")
         if failed:
             print(f"{len(failed)} files could not be processed (listed in --json output)")
-        if files is not None:
-            print(f"report written to {out_dir}")
+        if out_dir is not None:
+            print(f"report, plots and per-case probabilities written to {out_dir}")
     return 0
+
+
+def _metrics_line(label: str, m: dict[str, Any]) -> str:
+    """One readable line of a label's headline numbers ("undefined" where a metric cannot be computed)."""
+
+    def num(value: Any) -> str:
+        return "undefined" if value is None else f"{value:.2f}"
+
+    def ci(value: Any) -> str:
+        return "" if not value else f" ({num(value.get('low'))}–{num(value.get('high'))})"
+
+    return (
+        f"{label}: n={m['n']} ({m['n_positive']} positive) AUROC {num(m['auroc'])}{ci(m.get('auroc_ci'))}; "
+        f"at threshold {m['threshold']:.2f}: sensitivity {num(m['sensitivity'])}{ci(m.get('sensitivity_ci'))}, "
+        f"specificity {num(m['specificity'])}{ci(m.get('specificity_ci'))}, PPV {num(m['ppv'])}, "
+        f"NPV {num(m['npv'])}; ECE {num(m['ece'])}, Brier {num(m['brier'])}"
+    )
 
 
 def cmd_threshold(config: Config, args: argparse.Namespace) -> int:
@@ -412,6 +436,12 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("csv")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_dataset_check)
+
+    p = dataset.add_parser(
+        "demo", parents=[common], help="write the 16 radiographs shipped with the default model as DICOM"
+    )
+    p.add_argument("out", help="folder to write (DICOM files and labels.csv)")
+    p.set_defaults(func=cmd_dataset_demo)
 
     p = sub.add_parser(
         "evaluate",

@@ -351,6 +351,9 @@ def _routes(value: Any) -> tuple[RouteConfig, ...]:
         for key in item:
             if key not in allowed:
                 raise ConfigurationError(f"{where}.{key}", f"unknown key; expected one of {sorted(allowed)}")
+        for key in ("name", "model"):
+            if key not in item:
+                raise ConfigurationError(f"{where}.{key}", "is required")
         match: dict[str, tuple[str, ...]] = {}
         for key in ROUTE_LIST_KEYS:
             if key in item:
