@@ -341,7 +341,8 @@ def _metrics_line(label: str, m: dict[str, Any]) -> str:
 
     return (
         f"{label}: n={m['n']} ({m['n_positive']} positive) AUROC {num(m['auroc'])}{ci(m.get('auroc_ci'))}; "
-        f"at threshold {m['threshold']:.2f}: sensitivity {num(m['sensitivity'])}{ci(m.get('sensitivity_ci'))}, "
+        f"at threshold {m['threshold']:.2f}: "
+        f"sensitivity {num(m['sensitivity'])}{ci(m.get('sensitivity_ci'))}, "
         f"specificity {num(m['specificity'])}{ci(m.get('specificity_ci'))}, PPV {num(m['ppv'])}, "
         f"NPV {num(m['npv'])}; ECE {num(m['ece'])}, Brier {num(m['brier'])}"
     )

@@ -17,9 +17,9 @@ from pathlib import Path
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import JPEGBaseline8Bit
+from pydicom.uid import UID, JPEGBaseline8Bit
 
-COMPUTED_RADIOGRAPHY = "1.2.840.10008.5.1.4.1.1.1"
+COMPUTED_RADIOGRAPHY = UID("1.2.840.10008.5.1.4.1.1.1")
 
 
 def demo_images_dir() -> Path:
@@ -44,7 +44,7 @@ def jpeg_to_dicom(jpeg_path: Path, index: int) -> Dataset:
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = COMPUTED_RADIOGRAPHY
-    ds.file_meta.MediaStorageSOPInstanceUID = _uid(jpeg_path.name, "instance")
+    ds.file_meta.MediaStorageSOPInstanceUID = UID(_uid(jpeg_path.name, "instance"))
     ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
     ds.SpecificCharacterSet = "ISO_IR 192"
     ds.SOPClassUID = COMPUTED_RADIOGRAPHY
