@@ -26,7 +26,7 @@ def default_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_card_numbers_are_reproduced_through_dicom(
     default_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`dataset demo` + `evaluate` on the 16 shipped images give the card's AUROC, sensitivity, specificity."""
+    """`dataset demo` + `evaluate` on the 16 shipped images reproduce the card's stated numbers."""
     from dicomnode.models import load_model_package
 
     config = tmp_path / "config.toml"
