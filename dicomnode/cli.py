@@ -51,12 +51,18 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_worker(config: Config, args: argparse.Namespace) -> int:
+    from dicomnode.runtime import die_with_parent
+
+    die_with_parent()  # before importing torch: a supervisor that died meanwhile leaves no orphan
     from dicomnode.worker import run_worker
 
     return run_worker(config, burst=args.burst)
 
 
 def cmd_sender(config: Config, args: argparse.Namespace) -> int:
+    from dicomnode.runtime import die_with_parent
+
+    die_with_parent()
     from dicomnode.sender import run_sender
 
     return run_sender(config, burst=args.burst)

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import Config
 from dicomnode.db import DeliveryState, Instance, Job, JobState, Outbox, Study
+from dicomnode.runtime import read_runtime_state
 from dicomnode.services import Services
 
 
@@ -85,7 +86,7 @@ def list_studies(sessions: sessionmaker[Session], storage_root: Path) -> list[di
                             "error": j.error,
                             "created_at": j.created_at.isoformat(),
                             "finished_at": j.finished_at.isoformat() if j.finished_at else None,
-                        "routing": json.loads(j.routing_json) if j.routing_json else None,
+                            "routing": json.loads(j.routing_json) if j.routing_json else None,
                         }
                         for j in jobs
                     ],
@@ -130,7 +131,7 @@ def node_status(sessions: sessionmaker[Session], config: Config) -> dict[str, An
     root = config.storage.path
     usage = shutil.disk_usage(root if root.exists() else Path.cwd())
     return {
-        "listener": {"ae_title": config.node.ae_title, "host": config.node.host, "port": config.node.port},
+        "listener": _listener(config),
         "studies": studies,
         "instances": instances,
         "jobs": jobs,
@@ -148,6 +149,22 @@ def node_status(sessions: sessionmaker[Session], config: Config) -> dict[str, An
         },
         "destinations": [d.name for d in config.destinations],
     }
+
+
+def _listener(config: Config) -> dict[str, Any]:
+    """The configured listener, with the bound address and pid when a ``serve`` is running."""
+    state = read_runtime_state(config)
+    listener: dict[str, Any] = {
+        "ae_title": config.node.ae_title,
+        "host": config.node.host,
+        "port": config.node.port,
+        "running": state is not None,
+    }
+    if state is not None:
+        listener.update(
+            host=state["host"], port=state["port"], pid=state["pid"], started_at=state["started_at"]
+        )
+    return listener
 
 
 def retry(services: Services, target: str) -> tuple[int, int]:

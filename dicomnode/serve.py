@@ -21,8 +21,9 @@ from types import FrameType
 
 from dicomnode.config import Config
 from dicomnode.listener import start_listener, stop_listener
+from dicomnode.runtime import PARENT_PID_ENV, RUNTIME_STATE_FILE, write_runtime_state
 from dicomnode.services import open_services
-from dicomnode.store import remove_stale_temporaries
+from dicomnode.store import durable_write, remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,8 @@ class Child:
     started_at: float = field(default=0.0)
 
     def start(self) -> None:
-        self.process = subprocess.Popen(self.argv)
+        env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
+        self.process = subprocess.Popen(self.argv, env=env)
         self.started_at = time.monotonic()
         logger.info("%s started (pid %d)", self.name, self.process.pid)
 
@@ -93,7 +95,8 @@ def serve(config: Config, *, port_file: Path | None = None, ready: threading.Eve
     server, _scp = start_listener(config.node, store, services.queue)
     host, port = server.server_address[:2]
     if port_file is not None:
-        port_file.write_text(f"{port}\n")
+        durable_write(port_file, f"{port}\n".encode())  # atomic: readers never see a partial file
+    write_runtime_state(config, host, port)
     children = [
         Child(f"worker-{i + 1}", child_argv(config, "worker")) for i in range(config.worker.processes)
     ]
@@ -122,6 +125,7 @@ def serve(config: Config, *, port_file: Path | None = None, ready: threading.Eve
         for child in children:
             child.stop(timeout=max(10.0, config.worker.job_timeout_seconds / 10))
         services.close()
+        (config.storage.path / RUNTIME_STATE_FILE).unlink(missing_ok=True)
         for signum, handler in previous.items():
             with contextlib.suppress(ValueError):
                 signal.signal(signum, handler)

@@ -1,0 +1,289 @@
+"""Study assembly and the job queue on a real, migrated SQLite file (times passed in, no sleeping)."""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timedelta
+
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+
+from dicomnode.db import Instance, Job, JobState, make_engine, make_sessionmaker, utcnow
+from dicomnode.queue import ClaimedJob, InstanceRecord, JobQueue, record_or_ignore
+from dicomnode.services import Services
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+STABLE = 10.0
+
+
+def record(study: str, sop: str | None = None, series: str = "1.2.3") -> InstanceRecord:
+    sop = sop or generate_uid()
+    return InstanceRecord(
+        sop_instance_uid=sop,
+        sop_class_uid=CT,
+        study_instance_uid=study,
+        series_instance_uid=series,
+        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        path=f"instances/{study}/{series}/{sop}.dcm",
+        size_bytes=100,
+        patient_id="TEST-0001",
+        modality="CT",
+        calling_ae_title="MODALITY",
+    )
+
+
+def later(seconds: float = STABLE + 1) -> datetime:
+    return utcnow() + timedelta(seconds=seconds)
+
+
+def job_row(services: Services, job_id: int) -> Job:
+    with services.sessions() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        return job
+
+
+def queued_job(services: Services, max_attempts: int = 3) -> tuple[int, datetime]:
+    """One study recorded and assembled; returns the job id and the time it was assembled at."""
+    queue = services.queue
+    queue.record_instance(record(generate_uid()))
+    at = later()
+    [job_id] = queue.assemble_stable_studies(STABLE, max_attempts, now=at)
+    return job_id, at
+
+
+def test_record_instance_is_idempotent(services: Services) -> None:
+    """The same SOP Instance UID recorded twice gives one row; a concurrent duplicate is a resend."""
+    queue = services.queue
+    study = generate_uid()
+    first = record(study)
+    assert queue.record_instance(first) is True
+    assert queue.record_instance(first) is False
+    assert record_or_ignore(queue, first) is False
+    assert queue.has_instance(first.sop_instance_uid)
+    assert not queue.has_instance(generate_uid())
+    with services.sessions() as session:
+        assert len(session.scalars(select(Instance)).all()) == 1
+
+
+def test_study_becomes_a_job_only_after_quiet_period(services: Services) -> None:
+    """No job while instances are fresher than stable_after_seconds; one job for the study after."""
+    queue = services.queue
+    study = generate_uid()
+    for _ in range(3):
+        queue.record_instance(record(study))
+    queue.record_instance(record(study, series="1.2.4"))
+    assert queue.assemble_stable_studies(STABLE, 3, now=utcnow()) == []
+    assert queue.assemble_stable_studies(STABLE, 3, now=later(STABLE - 2)) == []
+    at = later()
+    [job_id] = queue.assemble_stable_studies(STABLE, 3, now=at)
+    assert queue.assemble_stable_studies(STABLE, 3, now=at) == []  # nothing left unassigned
+    job = job_row(services, job_id)
+    assert (job.state, job.attempts, job.max_attempts) == (JobState.QUEUED, 0, 3)
+    instances = queue.instances_for(job_id)
+    assert len(instances) == 4
+    assert [i.series_instance_uid for i in instances] == ["1.2.3"] * 3 + ["1.2.4"]  # grouped by series
+    assert all(i.calling_ae_title == "MODALITY" for i in instances)
+
+
+def test_each_study_gets_its_own_job(services: Services) -> None:
+    """Two quiet studies make two jobs; a study still receiving waits."""
+    queue = services.queue
+    quiet_a, quiet_b = generate_uid(), generate_uid()
+    queue.record_instance(record(quiet_a))
+    queue.record_instance(record(quiet_b))
+    jobs = queue.assemble_stable_studies(STABLE, 3, now=later())
+    assert len(jobs) == 2
+    assert {queue.instances_for(j)[0].path.split("/")[1] for j in jobs} == {quiet_a, quiet_b}
+    assert queue.instances_for(999_999) == []
+
+
+def test_late_instances_start_a_new_job_for_the_whole_study(services: Services) -> None:
+    """Instances after a job was made start a second job that covers the whole study so far."""
+    queue = services.queue
+    study = generate_uid()
+    early = [record(study) for _ in range(2)]
+    for item in early:
+        queue.record_instance(item)
+    [first] = queue.assemble_stable_studies(STABLE, 3, now=later())
+    late = record(study, series="1.2.9")
+    queue.record_instance(late)
+    assert queue.assemble_stable_studies(STABLE, 3, now=utcnow()) == []  # the late one is still fresh
+    [second] = queue.assemble_stable_studies(STABLE, 3, now=later())
+    assert second > first
+    assert {i.sop_instance_uid for i in queue.instances_for(first)} == {r.sop_instance_uid for r in early}
+    assert {i.sop_instance_uid for i in queue.instances_for(second)} == {
+        *(r.sop_instance_uid for r in early),
+        late.sop_instance_uid,
+    }
+
+
+def test_claim_leases_one_job_to_one_owner(services: Services) -> None:
+    """A claim marks the job running under its owner; a second claim finds nothing."""
+    queue = services.queue
+    job_id, at = queued_job(services)
+    assert queue.claim("w1", 30, now=at - timedelta(seconds=1)) is None  # not due yet
+    claimed = queue.claim("w1", 30, now=at)
+    assert claimed is not None
+    assert (claimed.id, claimed.owner, claimed.attempts, claimed.max_attempts) == (job_id, "w1", 1, 3)
+    assert queue.claim("w2", 30, now=at) is None
+    job = job_row(services, job_id)
+    assert (job.state, job.lease_owner) == (JobState.RUNNING, "w1")
+    assert job.lease_expires_at == at + timedelta(seconds=30)
+    assert queue.heartbeat(claimed, 30)
+
+
+def test_concurrent_claims_never_share_a_job(services: Services) -> None:
+    """Two threads with their own engines claim from one file: every job goes to exactly one of them."""
+    queue = services.queue
+    for _ in range(30):
+        queue.record_instance(record(generate_uid()))
+    at = later()
+    jobs = queue.assemble_stable_studies(STABLE, 3, now=at)
+    assert len(jobs) == 30
+    url = services.config.storage.database_url
+    engines = [make_engine(url) for _ in range(2)]
+    claimed: dict[str, list[int]] = {"a": [], "b": []}
+    start = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def drain(owner: str, own_queue: JobQueue) -> None:
+        try:
+            start.wait(timeout=10)
+            while (job := own_queue.claim(owner, 60, now=at)) is not None:
+                claimed[owner].append(job.id)
+        except BaseException as exc:  # surfaced in the main thread
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=drain, args=(owner, JobQueue(make_sessionmaker(engine))))
+        for owner, engine in zip(claimed, engines, strict=True)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    for engine in engines:
+        engine.dispose()
+    assert not errors
+    assert not set(claimed["a"]) & set(claimed["b"])
+    assert sorted(claimed["a"] + claimed["b"]) == sorted(jobs)
+    with services.sessions() as session:
+        rows = session.scalars(select(Job)).all()
+        assert all(r.state == JobState.RUNNING and r.attempts == 1 for r in rows)
+        assert {r.id for r in rows if r.lease_owner == "a"} == set(claimed["a"])
+
+
+def test_expired_lease_requeues_then_fails_when_out_of_attempts(services: Services) -> None:
+    """A worker that dies: its job is queued again, and failed for good after max_attempts."""
+    queue = services.queue
+    job_id, at = queued_job(services, max_attempts=2)
+    first = queue.claim("dead-1", 30, now=at)
+    assert first is not None
+    assert queue.requeue_expired(now=at + timedelta(seconds=29)) == 0
+    assert queue.requeue_expired(now=at + timedelta(seconds=31)) == 1
+    job = job_row(services, job_id)
+    assert (job.state, job.lease_owner, job.attempts) == (JobState.QUEUED, None, 1)
+    assert "dead-1" in (job.error or "")
+    # the dead worker's late calls change nothing
+    assert queue.heartbeat(first, 30) is False
+    queue.complete(first, "reported")
+    assert job_row(services, job_id).state == JobState.QUEUED
+    second_at = at + timedelta(seconds=40)
+    second = queue.claim("dead-2", 30, now=second_at)
+    assert second is not None and second.attempts == 2
+    assert queue.requeue_expired(now=second_at + timedelta(seconds=31)) == 1
+    job = job_row(services, job_id)
+    assert job.state == JobState.FAILED
+    assert job.finished_at is not None
+    assert queue.claim("w", 30, now=second_at + timedelta(hours=1)) is None
+
+
+def test_fail_with_delay_requeues_later_and_eventually_fails(services: Services) -> None:
+    """fail() puts the job back with not_before in the future until the attempts run out."""
+    queue = services.queue
+    job_id, _ = queued_job(services, max_attempts=3)
+    states = []
+    for attempt in range(1, 4):
+        claimed = queue.claim("w", 30, now=later(3600 * attempt))
+        assert claimed is not None and claimed.attempts == attempt
+        before = utcnow()
+        states.append(queue.fail(claimed, f"boom {attempt}", retry_delay_seconds=120))
+        job = job_row(services, job_id)
+        assert job.error == f"boom {attempt}"
+        assert job.lease_owner is None
+        if attempt < 3:
+            assert job.not_before >= before + timedelta(seconds=120)
+            assert queue.claim("w", 30, now=utcnow()) is None  # not due yet
+    assert states == [JobState.QUEUED, JobState.QUEUED, JobState.FAILED]
+    assert job_row(services, job_id).finished_at is not None
+
+
+def test_permanent_failure_skips_retries(services: Services) -> None:
+    """fail(permanent=True) ends the job on its first attempt."""
+    queue = services.queue
+    _job_id, at = queued_job(services, max_attempts=3)
+    claimed = queue.claim("w", 30, now=at)
+    assert claimed is not None
+    assert queue.fail(claimed, "no model", permanent=True) == JobState.FAILED
+
+
+def test_complete_marks_done_and_clears_the_lease(services: Services) -> None:
+    """complete() records the outcome and frees the job."""
+    queue = services.queue
+    job_id, at = queued_job(services)
+    claimed = queue.claim("w", 30, now=at)
+    assert claimed is not None
+    queue.complete(claimed, "no-model")
+    job = job_row(services, job_id)
+    assert (job.state, job.outcome, job.lease_owner, job.error) == (JobState.DONE, "no-model", None, None)
+    assert job.finished_at is not None
+    assert queue.requeue_expired(now=later(3600)) == 0
+
+
+def test_complete_inside_a_callers_transaction(services: Services) -> None:
+    """complete(session=...) commits together with the caller's other writes."""
+    queue = services.queue
+    job_id, at = queued_job(services)
+    claimed = queue.claim("w", 30, now=at)
+    assert claimed is not None
+    with queue.transaction() as session:
+        queue.complete(claimed, "reported", session=session)
+        row = session.get(Job, job_id)
+        assert row is not None
+        row.routing_json = "[]"
+    job = job_row(services, job_id)
+    assert (job.state, job.routing_json) == (JobState.DONE, "[]")
+
+
+def test_requeue_runs_failed_and_done_jobs_again(services: Services) -> None:
+    """requeue() resets attempts of failed or done jobs and leaves queued or running ones alone."""
+    queue = services.queue
+    failed_id, at = queued_job(services, max_attempts=1)
+    claimed = queue.claim("w", 30, now=at)
+    assert claimed is not None and claimed.id == failed_id
+    assert queue.fail(claimed, "boom") == JobState.FAILED
+    running_id, at2 = queued_job(services)
+    running = queue.claim("w", 30, now=at2)
+    assert running is not None and running.id == running_id
+    assert queue.requeue([failed_id, running_id]) == 1
+    job = job_row(services, failed_id)
+    assert (job.state, job.attempts, job.error, job.finished_at) == (JobState.QUEUED, 0, None, None)
+    again = queue.claim("w2", 30, now=utcnow())
+    assert isinstance(again, ClaimedJob) and again.id == failed_id and again.attempts == 1
+    assert job_row(services, running_id).state == JobState.RUNNING
+
+
+def test_force_fail_requeues_a_running_job(services: Services) -> None:
+    """The watchdog's force_fail puts a running job back (or fails it when out of attempts)."""
+    queue = services.queue
+    job_id, at = queued_job(services, max_attempts=2)
+    assert queue.claim("w", 30, now=at) is not None
+    queue.force_fail(job_id, "timed out")
+    job = job_row(services, job_id)
+    assert (job.state, job.error, job.lease_owner) == (JobState.QUEUED, "timed out", None)
+    assert queue.claim("w", 30, now=later(60)) is not None
+    queue.force_fail(job_id, "timed out again")
+    assert job_row(services, job_id).state == JobState.FAILED
+    queue.force_fail(job_id, "ignored")  # not running: nothing happens
+    assert job_row(services, job_id).error == "timed out again"
