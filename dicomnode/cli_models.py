@@ -192,7 +192,7 @@ def cmd_explain(config: Config, args: argparse.Namespace) -> int:
     from PIL import Image
 
     from dicomnode.imaging import DecodePool, read_header
-    from dicomnode.inference import ImageInput, ModelRegistry, heatmap, predict
+    from dicomnode.inference import ImageInput, ModelRegistry, compute_heatmaps, predict
     from dicomnode.report.key_image import blend_heatmap
     from dicomnode.routing import RouteDecision
 
@@ -216,7 +216,8 @@ def cmd_explain(config: Config, args: argparse.Namespace) -> int:
             image.path, max_size=1024, timeout_s=config.worker.decode_timeout_seconds
         )
     predict([image], registry)
-    heat = heatmap(registry, image, label_index, max_side=1024)
+    compute_heatmaps([image], registry, max_side=1024, labels="all")
+    heat = image.heatmaps[card.labels[label_index].name]
     rgb = display if display.ndim == 3 else np.repeat(display[..., None], 3, axis=2)
     blended = blend_heatmap(rgb, heat)
     Image.fromarray(blended).save(args.out)

@@ -77,6 +77,7 @@ class ImageInput:
     error: str | None = None
     probabilities: np.ndarray | None = None
     findings: list[LabelFinding] = field(default_factory=list)
+    heatmaps: dict[str, np.ndarray] = field(default_factory=dict)  # label -> Grad-CAM map in [0, 1]
 
 
 def route_files(config: Config, items: Sequence[tuple[Any, Path, str | None]]) -> list[ImageInput]:
@@ -166,16 +167,41 @@ def _slice_position(image: ImageInput) -> tuple[float, float]:
         return number, number
 
 
-def heatmap(registry: ModelRegistry, image: ImageInput, label_index: int, max_side: int = 512) -> np.ndarray:
-    """The Grad-CAM map of one label on one image, at most ``max_side`` pixels on its longer side."""
-    from dicomnode.models.gradcam import grad_cam
-
-    assert image.array is not None and image.decision.model is not None
+def heatmap_shape(image: ImageInput, max_side: int) -> tuple[int, int]:
+    """The source's aspect ratio at most ``max_side`` pixels on the longer side."""
+    assert image.array is not None
     rows = int(image.header.get("Rows", 0) or image.array.shape[-2])
     columns = int(image.header.get("Columns", 0) or image.array.shape[-1])
     scale = min(1.0, max_side / max(rows, columns))
-    shape = (max(1, round(rows * scale)), max(1, round(columns * scale)))
-    return grad_cam(registry.runner(image.decision.model), image.array[0], label_index, shape)
+    return max(1, round(rows * scale)), max(1, round(columns * scale))
+
+
+def compute_heatmaps(
+    images: Sequence[ImageInput], registry: ModelRegistry, max_side: int = 512, labels: str = "positive"
+) -> None:
+    """Grad-CAM maps into ``image.heatmaps`` for each positive finding (or every label with
+    ``labels="all"``), batched per model across all the images given."""
+    from dicomnode.models.gradcam import grad_cam_batch
+
+    wanted: dict[str, list[tuple[ImageInput, int, str]]] = defaultdict(list)
+    for image in images:
+        if image.array is None or image.decision.model is None:
+            continue
+        for index, finding in enumerate(image.findings):
+            if finding.present or labels == "all":
+                wanted[image.decision.model].append((image, index, finding.label))
+    for name, pairs in wanted.items():
+        runner = registry.runner(name)
+        if runner.card.task != "image-classification" or runner.card.architecture == "torchscript":
+            continue  # no class-activation map for volume or opaque (TorchScript) models
+        maps = grad_cam_batch(
+            runner,
+            np.stack([image.array[0] for image, _, _ in pairs if image.array is not None]),
+            [index for _, index, _ in pairs],
+            [heatmap_shape(image, max_side) for image, _, _ in pairs],
+        )
+        for (image, _, label), array in zip(pairs, maps, strict=True):
+            image.heatmaps[label] = array
 
 
 def study_findings(

@@ -34,8 +34,8 @@ from dicomnode.imaging import DecodePool, decode_display_image, read_display_ima
 from dicomnode.inference import (
     ImageInput,
     ModelRegistry,
+    compute_heatmaps,
     decode_inputs,
-    heatmap,
     predict,
     route_files,
     study_findings,
@@ -210,11 +210,16 @@ class Worker:
             work.permanent = True
 
     def _predict(self, works: list[JobWork]) -> None:
+        """Run the models (and heat maps) over all jobs' images at once; on failure, job by job."""
         images = [image for work in works for image in work.images]
         try:
-            timings = predict(images, self.registry)
+            started = time.perf_counter()
+            predict(images, self.registry)
+            model_seconds = time.perf_counter() - started
+            compute_heatmaps(images, self.registry)
             for work in works:
-                work.timings["model"] = sum(timings.values())
+                work.timings["model"] = model_seconds
+                work.timings["heatmap"] = time.perf_counter() - started - model_seconds
             return
         except Exception as exc:  # isolate: run job by job so one bad input fails only its job
             if len(works) == 1:
@@ -223,6 +228,7 @@ class Worker:
         for work in works:
             try:
                 predict(work.images, self.registry)
+                compute_heatmaps(work.images, self.registry)
             except Exception as exc:
                 work.error = f"model failed: {type(exc).__name__}: {exc}"
 
@@ -265,18 +271,14 @@ class Worker:
         for model_name, images in sorted(by_model.items()):
             card = self.registry.package(model_name).card
             maps: dict[int, dict[str, str]] = {}
-            heat_arrays: dict[tuple[int, str], np.ndarray] = {}
             for index, image in enumerate(images):
-                for label_index, finding in enumerate(image.findings):
-                    if finding.present:
-                        array = heatmap(self.registry, image, label_index)
-                        path = results_dir / "heatmaps" / f"{image.header.SOPInstanceUID}-{finding.label}.npy"
-                        path.parent.mkdir(parents=True, exist_ok=True)
-                        np.save(path, array)
-                        maps.setdefault(index, {})[finding.label] = str(path)
-                        heat_arrays[(index, finding.label)] = array
+                for label, array in image.heatmaps.items():
+                    path = results_dir / "heatmaps" / f"{image.header.SOPInstanceUID}-{label}.npy"
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    np.save(path, array)
+                    maps.setdefault(index, {})[label] = str(path.relative_to(self.config.storage.path))
             findings = study_findings(job.study_instance_uid, card.identity, images, maps, job.id)
-            objects = self._build_objects(findings, images, heat_arrays, job.study_id, results_dir)
+            objects = self._build_objects(findings, images, job.study_id, results_dir)
             outputs.append((findings, objects))
         with self.services.queue.transaction() as session:
             for findings, objects in outputs:
@@ -311,7 +313,6 @@ class Worker:
         self,
         findings: StudyFindings,
         images: list[ImageInput],
-        heat_arrays: dict[tuple[int, str], np.ndarray],
         study_id: int,
         results_dir: Path,
     ) -> list[dict[str, str]]:
@@ -321,7 +322,7 @@ class Worker:
         for index, (image, image_findings) in enumerate(zip(images, findings.images, strict=True)):
             display = self._display_image(image.path)
             positive = [f for f in image_findings.findings if f.present]
-            heat = heat_arrays.get((index, positive[0].label)) if positive else None
+            heat = image.heatmaps.get(positive[0].label) if positive else None
             built.append(
                 build_key_image(
                     findings,

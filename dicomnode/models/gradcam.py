@@ -57,14 +57,24 @@ def grad_cam_map(
             (gradients,) = torch.autograd.grad(value, activations)
     finally:
         handle.remove()
+    return _cams(activations, gradients, [out_shape])[0]
+
+
+def _cams(
+    activations: torch.Tensor, gradients: torch.Tensor, out_shapes: list[tuple[int, int]]
+) -> list[np.ndarray]:
+    """Grad-CAM from (N, K, h, w) activations and their gradients: ReLU of the gradient-weighted sum,
+    upsampled to each row's shape and scaled to [0, 1] (all zero when there is no positive evidence)."""
+    maps = []
     with torch.no_grad():
         weights = gradients.float().mean(dim=(2, 3), keepdim=True)
-        cam = F.relu((weights * activations.detach().float()).sum(dim=1, keepdim=True))
-        cam = F.interpolate(cam, size=out_shape, mode="bilinear", align_corners=False)[0, 0]
-        peak = float(cam.max())
-        cam = cam / peak if peak > 0 and np.isfinite(peak) else torch.zeros_like(cam)
-        result = cam.clamp_(0.0, 1.0).cpu().numpy().astype(np.float32)
-    return result
+        cams = F.relu((weights * activations.detach().float()).sum(dim=1, keepdim=True))
+        for row, shape in enumerate(out_shapes):
+            cam = F.interpolate(cams[row : row + 1], size=shape, mode="bilinear", align_corners=False)[0, 0]
+            peak = float(cam.max())
+            cam = cam / peak if peak > 0 and np.isfinite(peak) else torch.zeros_like(cam)
+            maps.append(cam.clamp_(0.0, 1.0).cpu().numpy().astype(np.float32))
+    return maps
 
 
 def grad_cam(
@@ -81,12 +91,52 @@ def grad_cam(
         raise IndexError(f"label_index {label_index} is outside the {len(card.labels)} labels")
     if out_shape[0] < 1 or out_shape[1] < 1:
         raise ValueError("out_shape must be positive")
-    tensor = runner.to_input(np.asarray(batch_item)[None])[0].contiguous()
-    output_index = card.labels[label_index].output_index
-    return grad_cam_map(
-        runner.network,
-        cam_target_layer(runner.network, card),
-        tensor,
-        lambda logits: label_log_odds(logits, output_index, card.output_activation),
-        (int(out_shape[0]), int(out_shape[1])),
-    )
+    return grad_cam_batch(
+        runner, np.asarray(batch_item)[None], [label_index], [(int(out_shape[0]), int(out_shape[1]))]
+    )[0]
+
+
+def grad_cam_batch(
+    runner: ModelRunner,
+    items: np.ndarray,
+    label_indices: list[int],
+    out_shapes: list[tuple[int, int]],
+) -> list[np.ndarray]:
+    """Grad-CAM maps of several (image, label) pairs with one forward pass per chunk.
+
+    ``items`` is (N, C, H, W) preprocessed input; row i is explained for card label
+    ``label_indices[i]`` and upsampled to ``out_shapes[i]``. Gradients are taken with respect to the
+    target layer's activations only, so the backward pass runs through the head alone.
+    """
+    card: ModelCard = runner.card
+    if not len(items) == len(label_indices) == len(out_shapes):
+        raise ValueError("items, label_indices and out_shapes must have the same length")
+    target = cam_target_layer(runner.network, card)
+    maps: list[np.ndarray] = []
+    captured: list[torch.Tensor] = []
+
+    def keep(_module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
+        captured.append(output)
+
+    handle = target.register_forward_hook(keep)
+    try:
+        for start in range(0, len(items), runner.max_batch_size):
+            indices = label_indices[start : start + runner.max_batch_size]
+            captured.clear()
+            with torch.inference_mode(False), torch.enable_grad():
+                chunk = runner.to_input(np.asarray(items[start : start + runner.max_batch_size]))
+                # the input requires grad so a graph exists even when the weights are frozen
+                logits = runner.network(chunk.float().clone().requires_grad_(True))
+                scores = torch.stack(
+                    [
+                        label_log_odds(
+                            logits[row : row + 1], card.labels[index].output_index, card.output_activation
+                        )[0]
+                        for row, index in enumerate(indices)
+                    ]
+                )
+                (gradients,) = torch.autograd.grad(scores.sum(), captured[-1])
+            maps.extend(_cams(captured[-1], gradients, out_shapes[start : start + len(indices)]))
+    finally:
+        handle.remove()
+    return maps
