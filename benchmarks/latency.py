@@ -1,0 +1,205 @@
+"""Latency benchmark: from a study becoming stable to its SR acknowledged by the PACS.
+
+The whole node runs as in production: ``dicomnode serve`` (listener, one worker, sender as separate
+processes), Orthanc as the PACS, dcmtk ``storescu`` as the modality. Single-image chest studies (the
+16 radiographs of pneumonia_model_package wrapped into DX instances, cycled with fresh UIDs over
+four transfer syntaxes) are sent **one at a time**: each study is sent once the previous one's SR has
+been acknowledged, so the number is the latency of an idle node, not of a queue.
+
+Per study, read from the node's SQLite database:
+
+* stable      = last ``instances.received_at`` + ``studies.stable_after_seconds``
+* job created = ``jobs.created_at`` (the worker noticed the study is stable)
+* job done    = ``jobs.finished_at`` (findings, SR, key image, KOS written and queued)
+* SR acked    = ``outbox.delivered_at`` of the SR row (Orthanc answered the C-STORE)
+
+and the latency is *SR acked − stable*. Target: median and p95 ≤ 1.5 s on 2 CPU cores.
+
+    python benchmarks/latency.py [--studies 50] [--stable-after 0.5] [--models-dir DIR] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from corpus import pneumonia_images_dir
+from e2e_helpers import (
+    COMPREHENSIVE_3D_SR,
+    STORESCU_FLAGS,
+    NodeProcess,
+    parse_time,
+    storescu,
+    wait_for,
+    wrap_radiograph,
+    write_node_config,
+)
+from peers import start_orthanc
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, JPEGBaseline8Bit, RLELossless
+
+TARGET_SECONDS = 1.5
+SYNTAXES = (JPEGBaseline8Bit, ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless)
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds since the study became stable, for one study."""
+
+    study_instance_uid: str
+    transfer_syntax_uid: str
+    job_created: float
+    job_finished: float
+    sr_acknowledged: float
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolation percentile (numpy's default), ``q`` in 0..100."""
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100.0
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def sr_delivered_at(database: Path, study_instance_uid: str) -> str | None:
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=10) as connection:
+        row = connection.execute(
+            "SELECT delivered_at FROM outbox WHERE study_instance_uid = ? AND sop_class_uid = ? "
+            "AND state = 'delivered'",
+            (study_instance_uid, COMPREHENSIVE_3D_SR),
+        ).fetchone()
+    return str(row[0]) if row and row[0] else None
+
+
+def timing(database: Path, study_instance_uid: str, transfer_syntax_uid: str, stable_after: float) -> Timing:
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=10) as connection:
+        (received,) = connection.execute(
+            "SELECT MAX(i.received_at) FROM instances i JOIN studies s ON i.study_id = s.id "
+            "WHERE s.study_instance_uid = ?",
+            (study_instance_uid,),
+        ).fetchone()
+        created, finished = connection.execute(
+            "SELECT j.created_at, j.finished_at FROM jobs j JOIN studies s ON j.study_id = s.id "
+            "WHERE s.study_instance_uid = ? ORDER BY j.id DESC LIMIT 1",
+            (study_instance_uid,),
+        ).fetchone()
+    delivered = sr_delivered_at(database, study_instance_uid)
+    assert delivered is not None
+    stable = parse_time(str(received)) + stable_after
+    return Timing(
+        study_instance_uid,
+        transfer_syntax_uid,
+        parse_time(str(created)) - stable,
+        parse_time(str(finished)) - stable,
+        parse_time(delivered) - stable,
+    )
+
+
+def run(studies: int, stable_after: float, models_dir: Path | None, workdir: Path) -> list[Timing]:
+    if models_dir is None:
+        from dicomnode.models.install import install_default_model
+
+        models_dir = workdir / "models"
+        install_default_model(models_dir, pip_install=False)
+    orthanc = start_orthanc(workdir / "pacs")
+    node_dir = workdir / "node"
+    node_dir.mkdir(parents=True, exist_ok=True)
+    config = write_node_config(
+        node_dir / "config.toml",
+        models_dir=models_dir,
+        destination_ae=orthanc.aet,
+        destination_port=orthanc.dicom_port,
+        stable_after_seconds=stable_after,
+    )
+    node = NodeProcess(config)
+    jpegs = sorted(pneumonia_images_dir().glob("*.jpeg"))
+    sources = [
+        wrap_radiograph(
+            jpegs[i % len(jpegs)], workdir / "modality" / f"{i:03d}.dcm", SYNTAXES[i % len(SYNTAXES)]
+        )
+        for i in range(studies + 1)
+    ]
+    timings: list[Timing] = []
+    try:
+        node.start()
+        database = node.database_path()
+        for index, source in enumerate(sources):
+            storescu(
+                [source.path], node.port, node.ae_title, flags=STORESCU_FLAGS[source.transfer_syntax_uid]
+            )
+            wait_for(
+                lambda s=source: sr_delivered_at(database, s.study_instance_uid),  # type: ignore[misc]
+                f"SR of study {index} acknowledged by Orthanc",
+                120.0,
+                0.05,
+            )
+            if index == 0:
+                continue  # warm-up: the worker loads the model on its first job
+            timings.append(
+                timing(database, source.study_instance_uid, source.transfer_syntax_uid, stable_after)
+            )
+    except BaseException:
+        print(node.log_tail(), file=sys.stderr)
+        raise
+    finally:
+        code = node.stop()
+        orthanc.stop()
+        if code not in (0, None):
+            print(f"warning: dicomnode serve exited with {code}", file=sys.stderr)
+    return timings
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--studies", type=int, default=50)
+    parser.add_argument("--stable-after", type=float, default=0.5, help="studies.stable_after_seconds")
+    parser.add_argument("--models-dir", type=Path, help="an installed models folder (default: install one)")
+    parser.add_argument(
+        "--keep", type=Path, help="work in this folder and keep it (default: a temporary one)"
+    )
+    args = parser.parse_args()
+    workdir = args.keep or Path(tempfile.mkdtemp(prefix="dicomnode-latency-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    try:
+        timings = run(args.studies, args.stable_after, args.models_dir, workdir)
+    finally:
+        if args.keep is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    latencies = [t.sr_acknowledged for t in timings]
+    print(
+        f"{len(timings)} single-image chest studies, sent one at a time, stable_after = {args.stable_after} s"
+    )
+    print(f"{'stage (s after stable)':<34}{'median':>8}{'p95':>8}{'max':>8}")
+    for name, values in (
+        ("job created (worker noticed)", [t.job_created for t in timings]),
+        ("job finished (results queued)", [t.job_finished for t in timings]),
+        ("SR acknowledged by Orthanc", latencies),
+    ):
+        print(f"{name:<34}{statistics.median(values):>8.3f}{percentile(values, 95):>8.3f}{max(values):>8.3f}")
+    by_syntax: dict[str, list[float]] = {}
+    for t in timings:
+        by_syntax.setdefault(t.transfer_syntax_uid, []).append(t.sr_acknowledged)
+    for syntax, values in sorted(by_syntax.items()):
+        print(f"  {syntax:<30} n={len(values):<3} median {statistics.median(values):.3f} s")
+    median, p95 = statistics.median(latencies), percentile(latencies, 95)
+    verdict = "meets" if p95 <= TARGET_SECONDS else "misses"
+    print(
+        f"stable -> SR acknowledged: median {median:.3f} s, p95 {p95:.3f} s; target <= {TARGET_SECONDS} s "
+        f"on 2 CPU cores: {verdict} (wall time {time.monotonic() - started:.0f} s)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
