@@ -147,6 +147,21 @@ def predict(images: Sequence[ImageInput], registry: ModelRegistry) -> dict[str, 
     return timings
 
 
+def key_image_indices(images: Sequence[ImageInput], *, series_model: bool) -> list[int]:
+    """Which images get a key image: every image for an image model; for a series model one per
+    series, its middle slice by position (the whole series shares one result)."""
+    if not series_model:
+        return list(range(len(images)))
+    series: dict[tuple[Any, str], list[int]] = defaultdict(list)
+    for index, image in enumerate(images):
+        series[(image.key, str(image.header.get("SeriesInstanceUID", "")))].append(index)
+    middles = []
+    for members in series.values():
+        ordered = sorted(members, key=lambda i: _slice_position(images[i]))
+        middles.append(ordered[len(ordered) // 2])
+    return sorted(middles)
+
+
 def _series_volumes(images: list[ImageInput]) -> list[list[ImageInput]]:
     """Group by (key, series) and sort slices along the slice normal (InstanceNumber as fallback)."""
     groups: dict[tuple[Any, str], list[ImageInput]] = defaultdict(list)

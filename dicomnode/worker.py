@@ -28,7 +28,7 @@ from sqlalchemy import select
 
 from dicomnode.config import Config
 from dicomnode.db import Job, Outbox, Result
-from dicomnode.errors import ModelUnavailableError
+from dicomnode.errors import ConfigurationError, ModelUnavailableError
 from dicomnode.findings import StudyFindings
 from dicomnode.imaging import DecodePool, decode_display_image, read_display_image
 from dicomnode.inference import (
@@ -36,6 +36,7 @@ from dicomnode.inference import (
     ModelRegistry,
     compute_heatmaps,
     decode_inputs,
+    key_image_indices,
     predict,
     route_files,
     study_findings,
@@ -197,7 +198,7 @@ class Worker:
             for image in work.images:
                 if image.decision.model is not None:
                     self.registry.package(image.decision.model)
-        except ModelUnavailableError as exc:
+        except (ModelUnavailableError, ConfigurationError) as exc:  # missing or invalid package
             work.error, work.permanent = str(exc), True
             return
         work.timings["route"] = time.perf_counter() - started
@@ -278,7 +279,7 @@ class Worker:
                     np.save(path, array)
                     maps.setdefault(index, {})[label] = str(path.relative_to(self.config.storage.path))
             findings = study_findings(job.study_instance_uid, card.identity, images, maps, job.id)
-            objects = self._build_objects(findings, images, job.study_id, results_dir)
+            objects = self._build_objects(findings, images, card.task, job.study_id, results_dir)
             outputs.append((findings, objects))
         with self.services.queue.transaction() as session:
             for findings, objects in outputs:
@@ -313,13 +314,16 @@ class Worker:
         self,
         findings: StudyFindings,
         images: list[ImageInput],
+        task: str,
         study_id: int,
         results_dir: Path,
     ) -> list[dict[str, str]]:
         sources = [image.header for image in images]
         sr = build_sr(findings, sources, predecessor=self._predecessor(findings, study_id))
         built: list[Dataset] = [sr]
-        for index, (image, image_findings) in enumerate(zip(images, findings.images, strict=True)):
+        shown = key_image_indices(images, series_model=task == "series-classification")
+        for number, index in enumerate(shown, start=1):
+            image, image_findings = images[index], findings.images[index]
             display = self._display_image(image.path)
             positive = [f for f in image_findings.findings if f.present]
             heat = image.heatmaps.get(positive[0].label) if positive else None
@@ -331,7 +335,7 @@ class Worker:
                     display,
                     heat,
                     series_number=DEFAULT_KEY_IMAGE_SERIES_NUMBER,
-                    instance_number=index + 1,
+                    instance_number=number,
                 )
             )
         built.append(build_key_object_selection(findings, built))
