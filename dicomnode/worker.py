@@ -66,6 +66,7 @@ class JobWork:
     error: str | None = None
     permanent: bool = False
     timings: dict[str, float] = field(default_factory=dict)
+    batch_size: int = 1  # jobs whose images shared the model and heat-map passes
 
 
 class Watchdog:
@@ -219,6 +220,7 @@ class Worker:
             model_seconds = time.perf_counter() - started
             compute_heatmaps(images, self.registry)
             for work in works:
+                work.batch_size = len(works)
                 work.timings["model"] = model_seconds
                 work.timings["heatmap"] = time.perf_counter() - started - model_seconds
             return
@@ -405,6 +407,8 @@ class Worker:
         skipped = [i for i in work.images if i.decision.model is None]
         failed = [i for i in work.images if i.error and i.decision.model is not None]
         timings = " ".join(f"{k}={v:.2f}s" for k, v in work.timings.items())
+        if work.batch_size > 1:
+            timings += f" (model and heatmap shared by {work.batch_size} jobs)"
         logger.info(
             "job %d study %s done: %s; %d images without a model, %d undecodable; %s",
             work.job.id,
