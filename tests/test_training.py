@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import torch
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from dicomnode.errors import ConfigurationError
 from dicomnode.imaging import PreprocessSpec, decode_model_input
 from dicomnode.models import load_model_package
 from dicomnode.models.runner import ModelRunner, findings_for
-from dicomnode.training import (
+from dicomnode.models.training import (
     BEST_WEIGHTS,
     LAST_CHECKPOINT,
     SUMMARY_FILE_NAME,
@@ -31,7 +31,7 @@ from dicomnode.training import (
     train,
 )
 
-DX_STORAGE = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
+DX_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1.1")  # Digital X-Ray Image Storage - For Presentation
 N_PATIENTS = 40
 IMAGE_SIZE = 96
 
@@ -126,7 +126,7 @@ code_meaning = "Mass"
 epochs = {epochs}
 batch_size = 8
 learning_rate = 1e-3
-early_stopping_patience = 4
+early_stopping_patience = 3
 checkpoint_dir = "checkpoints"
 device = "cpu"
 
@@ -154,7 +154,7 @@ def test_training_from_scratch_learns_and_writes_a_package_the_runner_uses(
 ) -> None:
     """A DenseNet-121 trained from scratch on CPU separates blob from no blob (validation AUROC >= 0.95);
     its package loads unchanged, gives findings in the runner and carries test metrics but no IDs."""
-    config_path = _write_config(tmp_path, _scratch_toml(dataset_csv, size=48, epochs=10))
+    config_path = _write_config(tmp_path, _scratch_toml(dataset_csv, size=48, epochs=6))
     started = time.perf_counter()
     output = train(config_path, progress=False)
     elapsed = time.perf_counter() - started
@@ -164,9 +164,12 @@ def test_training_from_scratch_learns_and_writes_a_package_the_runner_uses(
     best = summary["training"]["best_val_auroc"]
     print(f"trained {summary['training']['epochs_run']} epochs in {elapsed:.1f} s, best val AUROC {best:.3f}")
     assert best >= 0.95
-    assert summary["splits"]["train"]["patients"] + summary["splits"]["validation"]["patients"] + summary[
-        "splits"
-    ]["test"]["patients"] == N_PATIENTS
+    assert (
+        summary["splits"]["train"]["patients"]
+        + summary["splits"]["validation"]["patients"]
+        + summary["splits"]["test"]["patients"]
+        == N_PATIENTS
+    )
     assert summary["test_metrics"]["blob"]["auroc"] >= 0.9
     package_text = (output / "model.toml").read_text(encoding="utf-8") + json.dumps(summary)
     assert "SYN-0" not in package_text and "Synthetic^" not in package_text  # no patient data
@@ -193,7 +196,8 @@ def test_training_from_scratch_learns_and_writes_a_package_the_runner_uses(
 
 def test_rerun_resumes_from_the_last_checkpoint(dataset_csv: Path, tmp_path: Path) -> None:
     """epochs=1, then epochs=2 with the same checkpoint folder: the second run trains only epoch 2 and
-    keeps epoch 1's history; replacing its own earlier package is allowed."""
+    keeps epoch 1's history; replacing its own earlier package is allowed; a checkpoint of another
+    model is refused."""
     config_path = _write_config(tmp_path, _scratch_toml(dataset_csv, size=32, epochs=1))
     output = train(config_path, progress=False)
     first = json.loads((output / SUMMARY_FILE_NAME).read_text(encoding="utf-8"))
@@ -210,14 +214,8 @@ def test_rerun_resumes_from_the_last_checkpoint(dataset_csv: Path, tmp_path: Pat
     assert second["history"][0] == first["history"][0]  # epoch 1 was not trained again
     assert torch.load(tmp_path / "checkpoints" / LAST_CHECKPOINT, weights_only=False)["epoch"] == 2
 
-
-def test_a_checkpoint_of_another_model_is_not_resumed(dataset_csv: Path, tmp_path: Path) -> None:
-    """Changing the preprocessing makes the old checkpoint foreign: refused, naming the key."""
-    config_path = _write_config(tmp_path, _scratch_toml(dataset_csv, size=32, epochs=1))
-    train(config_path, progress=False)
-    config_path.write_text(
-        _scratch_toml(dataset_csv, size=40, epochs=1, extra="overwrite = true"), encoding="utf-8"
-    )
+    # another preprocessing makes the checkpoint foreign: refused, naming the key
+    config_path.write_text(_scratch_toml(dataset_csv, size=40, epochs=3), encoding="utf-8")
     with pytest.raises(ConfigurationError) as excinfo:
         train(config_path, progress=False)
     assert excinfo.value.key == "training.checkpoint_dir"
@@ -298,3 +296,45 @@ def test_card_writer_round_trips_through_tomllib() -> None:
         "labels": [{"name": "a", "threshold": 0.25}, {"name": "b", "threshold": 0.5}],
     }
     assert tomllib.loads(to_toml(data)) == data
+
+
+@pytest.mark.slow
+def test_fine_tuning_the_default_xception_keeps_its_card(dataset_csv: Path, tmp_path: Path) -> None:
+    """One epoch of fine-tuning the installed default model writes a package with the base's
+    architecture, preprocessing, labels and threshold, and the base named in its provenance."""
+    install = pytest.importorskip("dicomnode.models.install")
+    try:
+        base = install.install_default_model(tmp_path / "models", pip_install=False, measure=False)
+    except Exception as exc:  # the pneumonia package is not installed here
+        pytest.skip(f"default model not installable offline: {exc}")
+    base_card = load_model_package(base).card
+    text = f"""
+[data]
+csv = "{dataset_csv.as_posix()}"
+fractions = [0.6, 0.2, 0.2]
+[model]
+base = "models/pneumonia-xception"
+name = "site-pneumonia"
+version = "0.1.0"
+[training]
+epochs = 1
+batch_size = 16
+device = "cpu"
+[output]
+path = "models/site-pneumonia"
+"""
+    (dataset_csv.parent / "pneumonia.csv").write_text(
+        dataset_csv.read_text(encoding="utf-8").replace("blob", "pneumonia"), encoding="utf-8"
+    )
+    text = text.replace("labels.csv", "pneumonia.csv")
+    output = train(_write_config(tmp_path, text), progress=False)
+    card = load_model_package(output).card
+    assert (card.architecture, card.preprocessing, card.output_activation) == (
+        base_card.architecture,
+        base_card.preprocessing,
+        base_card.output_activation,
+    )
+    assert card.labels == base_card.labels  # threshold kept (no target_sensitivity)
+    assert "fine-tuned from pneumonia-xception 0.3.0" in card.trained_by
+    assert card.licence == TO_BE_COMPLETED and card.not_for_clinical_use
+    ModelRunner(load_model_package(output), device="cpu")

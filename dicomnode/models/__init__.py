@@ -73,7 +73,9 @@ def discover_models(models_dir: Path | str, *, strict: bool = False) -> list[Mod
             raise ModelUnavailableError(f"models directory {root} does not exist")
         return []
     packages: list[ModelPackage] = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and (p / CARD_FILE_NAME).is_file()):
+    # hidden folders are staging areas of packages being written (training, install): never served
+    candidates = (p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for folder in sorted(p for p in candidates if (p / CARD_FILE_NAME).is_file()):
         try:
             packages.append(load_model_package(folder))
         except (ModelUnavailableError, ConfigurationError) as exc:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import importlib.metadata
 import json
 import logging
 import math
@@ -34,7 +35,6 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 from tqdm import tqdm
 
-import dicomnode
 from dicomnode.datasets import Case, load_labelled_dataset, split_by_patient
 from dicomnode.errors import ConfigurationError, InvalidDatasetError, ModelUnavailableError
 from dicomnode.evaluation import CaseResult, choose_threshold, evaluate
@@ -689,6 +689,14 @@ def to_toml(data: Mapping[str, Any], prefix: str = "") -> str:
     return out
 
 
+def _dicomnode_version() -> str:
+    """The installed dicomnode distribution's version (the package may be imported as a namespace)."""
+    try:
+        return importlib.metadata.version("dicomnode")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def _placeholder(value: str) -> str:
     return value.strip() or TO_BE_COMPLETED
 
@@ -715,7 +723,7 @@ def build_card_dict(
         if base_card is not None
         else "trained from scratch"
     )
-    trained_by = f"{TRAINED_BY} (dicomnode {dicomnode.__version__}) on {today.isoformat()}, {origin}"
+    trained_by = f"{TRAINED_BY} (dicomnode {_dicomnode_version()}) on {today.isoformat()}, {origin}"
     if site.trained_by.strip():
         trained_by = f"{site.trained_by.strip()}; {trained_by}"
     splits = summary["splits"]
@@ -891,9 +899,9 @@ def train(config: TrainConfig | Path | str, *, progress: bool = True) -> Path:
         )
         if start_dict.get("task", "image-classification") != "image-classification":
             raise ConfigurationError("model.task", "only image-classification models can be trained")
-        torch.manual_seed(tc.seed)
         network = None
     card = parse_card(start_dict)
+    torch.manual_seed(tc.seed)  # initialisation (scratch) and dropout
     if network is None:
         network = new_network(card)
     for parameter in network.parameters():
@@ -1093,7 +1101,7 @@ def train(config: TrainConfig | Path | str, *, progress: bool = True) -> Path:
         "model": {"name": config.model.name, "version": config.model.version},
         "base_model": {"name": base_card.name, "version": base_card.version} if base_card else None,
         "trained_by": TRAINED_BY,
-        "dicomnode_version": dicomnode.__version__,
+        "dicomnode_version": _dicomnode_version(),
         "date": today.isoformat(),
         "device": str(device),
         "autocast": str(autocast) if autocast else None,
