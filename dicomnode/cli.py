@@ -32,6 +32,11 @@ def configure_logging(level: str) -> None:
     # pynetdicom logs every PDU at INFO; keep its routine chatter out of the operator's log.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("highdicom").setLevel(logging.WARNING)
+    # pydicom's and other libraries' warnings can quote element values (a malformed birth date or
+    # name); route them to logging and keep them out of the operator's log: no patient data in logs.
+    logging.captureWarnings(True)
+    logging.getLogger("py.warnings").setLevel(logging.ERROR)
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 

@@ -260,9 +260,19 @@ class JobQueue:
             own.execute(statement)
 
     def fail(
-        self, job: ClaimedJob, error: str, *, retry_delay_seconds: float = 0.0, permanent: bool = False
+        self,
+        job: ClaimedJob,
+        error: str,
+        *,
+        retry_delay_seconds: float = 0.0,
+        permanent: bool = False,
+        log_reason: str | None = None,
     ) -> JobState:
-        """Record a failed attempt: requeue with a delay while attempts remain, else fail for good."""
+        """Record a failed attempt: requeue with a delay while attempts remain, else fail for good.
+
+        ``error`` is stored for the operator (``dicomnode studies``); ``log_reason``, when given, is
+        what the log line says instead (for errors whose text may quote dataset values).
+        """
         now = utcnow()
         final = permanent or job.attempts >= job.max_attempts
         state = JobState.FAILED if final else JobState.QUEUED
@@ -281,7 +291,14 @@ class JobQueue:
                 )
             )
         log = logger.error if final else logger.warning
-        log("job %d %s after attempt %d/%d: %s", job.id, state.value, job.attempts, job.max_attempts, error)
+        log(
+            "job %d %s after attempt %d/%d: %s",
+            job.id,
+            state.value,
+            job.attempts,
+            job.max_attempts,
+            log_reason or error,
+        )
         return state
 
     def force_fail(self, job_id: int, error: str) -> None:

@@ -225,6 +225,9 @@ class Worker:
                 work.timings["heatmap"] = time.perf_counter() - started - model_seconds
             return
         except Exception as exc:  # isolate: run job by job so one bad input fails only its job
+            logger.warning(
+                "model pass over %d jobs failed (%s); retrying job by job", len(works), type(exc).__name__
+            )
             if len(works) == 1:
                 works[0].error = f"model failed: {type(exc).__name__}: {exc}"
                 return
@@ -247,8 +250,13 @@ class Worker:
             outputs = self._report(work)
             work.timings["report"] = time.perf_counter() - started
         except Exception as exc:
-            logger.exception("job %d: building results failed", job.id)
-            queue.fail(job, f"building results failed: {type(exc).__name__}: {exc}", retry_delay_seconds=30.0)
+            # the message may quote a dataset value (a name that does not fit its VR): keep it out of logs
+            queue.fail(
+                job,
+                f"building results failed: {type(exc).__name__}: {exc}",
+                retry_delay_seconds=30.0,
+                log_reason=f"building results failed: {type(exc).__name__} (details: dicomnode studies)",
+            )
             return
         self._log_job(work, outputs)
 

@@ -245,6 +245,18 @@ def test_chest_radiographs_come_back_as_sr_and_key_image(
             if source.pneumonia is not None:
                 correct += int(present == source.pneumonia)
 
+    # no patient data in the node's log: names, IDs, birth dates and accession numbers never appear
+    log = node.log_path.read_bytes().decode("utf-8", errors="replace")
+    for source in [*sources, cr]:
+        header = pydicom.dcmread(source.path, stop_before_pixels=True)
+        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "AccessionNumber"):
+            value = str(header.get(keyword, "") or "").strip()
+            if len(value) >= 4:  # shorter values ("M", "1") would match unrelated text
+                assert value not in log, f"{keyword} of {source.path.name} appears in the node's log"
+            for part in value.split("^"):
+                if len(part) >= 4:
+                    assert part not in log, f"part of {keyword} of {source.path.name} appears in the log"
+
     labelled = [s for s in sources if s.pneumonia is not None]
     accuracy = correct / len(labelled)
     print(
