@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _workloads import Workload, generate_workloads  # noqa: E402
+from _workloads import Workload, generate_workloads
 
 HOST = "127.0.0.1"
 CALLING_AE = "BENCHSCU"
@@ -84,7 +84,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(predicate: Any, timeout: float, what: str, process: subprocess.Popen[bytes] | None = None) -> None:
+def wait_until(
+    predicate: Any, timeout: float, what: str, process: subprocess.Popen[bytes] | None = None
+) -> None:
     """Poll ``predicate`` until true; fail with ``what`` at the deadline or when ``process`` died."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -197,7 +199,17 @@ class StoreSCP(Receiver):
         self.output = self.workdir / "received"
         self.output.mkdir(parents=True, exist_ok=True)
         fork = ["--fork"] if self.parallel else []
-        return ["storescp", *fork, "-aet", self.ae_title, "-pdu", "131072", "-od", str(self.output), str(self.port)]
+        return [
+            "storescp",
+            *fork,
+            "-aet",
+            self.ae_title,
+            "-pdu",
+            "131072",
+            "-od",
+            str(self.output),
+            str(self.port),
+        ]
 
     def received(self) -> int:
         return sum(1 for p in self.output.iterdir() if p.is_file())
@@ -247,8 +259,16 @@ class DicomNode(Receiver):
         self.config = self.workdir / "dicomnode.toml"
         self.config.write_text(self._config())
         self.port_file = self.workdir / "port"
-        return [sys.executable, "-m", "dicomnode", "--config", str(self.config), "serve", "--port-file",
-                str(self.port_file)]
+        return [
+            sys.executable,
+            "-m",
+            "dicomnode",
+            "--config",
+            str(self.config),
+            "serve",
+            "--port-file",
+            str(self.port_file),
+        ]
 
     def env(self) -> dict[str, str]:
         return dict(os.environ)
@@ -264,8 +284,17 @@ class DicomNode(Receiver):
 
     def received(self) -> int:
         out = subprocess.run(
-            [sys.executable, "-m", "dicomnode", "--config", str(self.config), "--log-level", "WARNING",
-             "studies", "--json"],
+            [
+                sys.executable,
+                "-m",
+                "dicomnode",
+                "--config",
+                str(self.config),
+                "--log-level",
+                "WARNING",
+                "studies",
+                "--json",
+            ],
             capture_output=True,
             check=True,
         ).stdout
@@ -341,7 +370,9 @@ def send(receiver: Receiver, groups: list[list[Path]], logdir: Path) -> float:
             logs.append(log)
             argv = ["storescu", "-aet", CALLING_AE, "-aec", receiver.ae_title, HOST, str(receiver.port)]
             processes.append(
-                subprocess.Popen([*argv, *map(str, files)], stdout=log, stderr=subprocess.STDOUT, env=DCMTK_ENV)
+                subprocess.Popen(
+                    [*argv, *map(str, files)], stdout=log, stderr=subprocess.STDOUT, env=DCMTK_ENV
+                )
             )
         codes = [p.wait() for p in processes]
         elapsed = time.perf_counter() - started
@@ -357,7 +388,9 @@ def send(receiver: Receiver, groups: list[list[Path]], logdir: Path) -> float:
     return elapsed
 
 
-def measure(name: str, workload: Workload, associations: int, root: Path, overrides: Sequence[str]) -> Measurement:
+def measure(
+    name: str, workload: Workload, associations: int, root: Path, overrides: Sequence[str]
+) -> Measurement:
     workdir = Path(tempfile.mkdtemp(prefix=f"{name}-{workload.name}-{associations}-", dir=root))
     receiver = RECEIVER_CLASSES[name](workdir, parallel=associations > 1)
     if isinstance(receiver, DicomNode):
@@ -372,7 +405,9 @@ def measure(name: str, workload: Workload, associations: int, root: Path, overri
         shutil.rmtree(workdir / "index", ignore_errors=True)
     if received != workload.count:
         raise RuntimeError(f"{name} holds {received} of {workload.count} {workload.name} instances")
-    return Measurement(name, workload.name, associations, workload.count, workload.total_bytes, seconds, received)
+    return Measurement(
+        name, workload.name, associations, workload.count, workload.total_bytes, seconds, received
+    )
 
 
 # --- reporting ---------------------------------------------------------------------------------------
@@ -390,8 +425,10 @@ def _fmt(value: float | None) -> str:
 
 
 def print_table(rows: list[Measurement]) -> None:
-    header = f"{'receiver':<16}{'workload':<9}{'assoc':>5}{'inst/s':>10}{'MB/s':>9}{'seconds':>9}" \
-             f"{'vs storescp':>13}{'vs orthanc':>12}"
+    header = (
+        f"{'receiver':<16}{'workload':<9}{'assoc':>5}{'inst/s':>10}{'MB/s':>9}{'seconds':>9}"
+        f"{'vs storescp':>13}{'vs orthanc':>12}"
+    )
     print(header)
     print("-" * len(header))
     for m in sorted(rows, key=lambda r: (r.workload, r.associations, r.receiver)):
@@ -410,12 +447,22 @@ def check_targets(rows: list[Measurement]) -> list[dict[str, Any]]:
             continue
         vs_orthanc = _ratio(m, rows, "orthanc")
         if vs_orthanc is not None:
-            targets.append({"target": f"dicomnode >= {TARGET_VS_ORTHANC}x orthanc, {m.workload} x{m.associations}",
-                            "ratio": vs_orthanc, "met": vs_orthanc >= TARGET_VS_ORTHANC})
+            targets.append(
+                {
+                    "target": f"dicomnode >= {TARGET_VS_ORTHANC}x orthanc, {m.workload} x{m.associations}",
+                    "ratio": vs_orthanc,
+                    "met": vs_orthanc >= TARGET_VS_ORTHANC,
+                }
+            )
         vs_storescp = _ratio(m, rows, "storescp")
         if m.workload == "CT" and m.associations == 1 and vs_storescp is not None:
-            targets.append({"target": f"dicomnode >= {TARGET_VS_STORESCP_CT_SINGLE}x storescp, CT x1",
-                            "ratio": vs_storescp, "met": vs_storescp >= TARGET_VS_STORESCP_CT_SINGLE})
+            targets.append(
+                {
+                    "target": f"dicomnode >= {TARGET_VS_STORESCP_CT_SINGLE}x storescp, CT x1",
+                    "ratio": vs_storescp,
+                    "met": vs_storescp >= TARGET_VS_STORESCP_CT_SINGLE,
+                }
+            )
     print()
     for t in targets:
         print(f"{'MET ' if t['met'] else 'MISS'}  {t['target']:<45} measured {t['ratio']:.2f}x")
@@ -425,20 +472,37 @@ def check_targets(rows: list[Measurement]) -> list[dict[str, Any]]:
 def median_measurement(samples: list[Measurement]) -> Measurement:
     seconds = statistics.median(s.seconds for s in samples)
     first = samples[0]
-    return Measurement(first.receiver, first.workload, first.associations, first.instances, first.bytes,
-                       seconds, first.received)
+    return Measurement(
+        first.receiver,
+        first.workload,
+        first.associations,
+        first.instances,
+        first.bytes,
+        seconds,
+        first.received,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: 100 CT and 10 DX instances")
-    parser.add_argument("--receivers", default=",".join(ALL_RECEIVERS),
-                        help=f"comma-separated, from {', '.join(RECEIVER_CLASSES)} (default: %(default)s)")
+    parser.add_argument(
+        "--receivers",
+        default=",".join(ALL_RECEIVERS),
+        help=f"comma-separated, from {', '.join(RECEIVER_CLASSES)} (default: %(default)s)",
+    )
     parser.add_argument("--workloads", default="CT,DX", help="comma-separated: CT, DX")
     parser.add_argument("--associations", default="1,4", help="comma-separated association counts")
     parser.add_argument("--repeat", type=int, default=1, help="sends per cell; the median is reported")
-    parser.add_argument("--dicomnode-set", action="append", default=[], metavar="SECTION.KEY=TOML",
-                        help="extra dicomnode configuration, e.g. storage.sqlite_synchronous='\"NORMAL\"'")
+    parser.add_argument(
+        "--dicomnode-set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=TOML",
+        help="extra dicomnode configuration, e.g. storage.sqlite_synchronous='\"NORMAL\"'",
+    )
     parser.add_argument("--workdir", type=Path, help="parent of the temporary folder (default: system temp)")
     parser.add_argument("--json", type=Path, help="write the measurements and targets here")
     args = parser.parse_args(argv)
@@ -460,17 +524,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[Measurement] = []
     root = Path(tempfile.mkdtemp(prefix="dicomnode-ingest-", dir=args.workdir))
     try:
-        workloads = [w for w in generate_workloads(root / "workloads", ct_count=ct_count, dx_count=dx_count)
-                     if w.name in wanted]
+        workloads = [
+            w
+            for w in generate_workloads(root / "workloads", ct_count=ct_count, dx_count=dx_count)
+            if w.name in wanted
+        ]
         for workload in workloads:
             for count in associations:
                 for name in receivers:
-                    samples = [measure(name, workload, count, root, args.dicomnode_set) for _ in range(args.repeat)]
+                    samples = [
+                        measure(name, workload, count, root, args.dicomnode_set) for _ in range(args.repeat)
+                    ]
                     m = median_measurement(samples)
                     rows.append(m)
-                    print(f"  {name:<16}{workload.name} x{count}: {m.seconds:6.2f} s  "
-                          f"{m.instances_per_second:7.1f} inst/s  {m.mb_per_second:6.1f} MB/s  "
-                          f"({m.received}/{m.instances} verified)", flush=True)
+                    print(
+                        f"  {name:<16}{workload.name} x{count}: {m.seconds:6.2f} s  "
+                        f"{m.instances_per_second:7.1f} inst/s  {m.mb_per_second:6.1f} MB/s  "
+                        f"({m.received}/{m.instances} verified)",
+                        flush=True,
+                    )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -483,7 +555,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "cpus": os.cpu_count(),
             "overrides": args.dicomnode_set,
             "measurements": [
-                {**asdict(m), "instances_per_second": m.instances_per_second, "mb_per_second": m.mb_per_second}
+                {
+                    **asdict(m),
+                    "instances_per_second": m.instances_per_second,
+                    "mb_per_second": m.mb_per_second,
+                }
                 for m in rows
             ],
             "targets": targets,

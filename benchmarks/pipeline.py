@@ -77,7 +77,9 @@ def radiograph(jpeg: Path, index: int, syntax: str) -> Dataset:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--studies", type=int, default=64)
     parser.add_argument("--syntax", choices=["uncompressed", "j2k"], default="uncompressed")
     parser.add_argument("--batch", type=int, default=16)
@@ -99,9 +101,13 @@ def main() -> None:
         models = root / "models"
         install_default_model(models, pip_install=False, measure=False)
         config = config_from_mapping(
-            {"storage": {"path": "var", "database_url": "sqlite:///var/db.sqlite"},
-             "studies": {"stable_after_seconds": 0}, "models": {"path": str(models)}, "destinations": [],
-             "worker": {"max_batch_size": args.batch}},
+            {
+                "storage": {"path": "var", "database_url": "sqlite:///var/db.sqlite"},
+                "studies": {"stable_after_seconds": 0},
+                "models": {"path": str(models)},
+                "destinations": [],
+                "worker": {"max_batch_size": args.batch},
+            },
             base_dir=root,
         )
         services = open_services(config, upgrade=True)
@@ -119,9 +125,17 @@ def main() -> None:
             ds.save_as(buffer, enforce_file_format=True)
             path = store.relative_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
             stored = store.write(path, buffer.getvalue())
-            services.queue.record_instance(InstanceRecord(
-                ds.SOPInstanceUID, CR, ds.StudyInstanceUID, ds.SeriesInstanceUID,
-                str(ds.file_meta.TransferSyntaxUID), path, stored.size_bytes))
+            services.queue.record_instance(
+                InstanceRecord(
+                    ds.SOPInstanceUID,
+                    CR,
+                    ds.StudyInstanceUID,
+                    ds.SeriesInstanceUID,
+                    str(ds.file_meta.TransferSyntaxUID),
+                    path,
+                    stored.size_bytes,
+                )
+            )
 
         with DecodePool(workers=1) as pool:
             worker = Worker(config, services, pool=pool)
@@ -134,7 +148,9 @@ def main() -> None:
             worker.close()
 
             runner = worker.registry.runner("pneumonia-xception")
-            batch = np.stack([pool.read_model_input(store.absolute(path), runner.card.preprocessing)[0]] * args.batch)
+            batch = np.stack(
+                [pool.read_model_input(store.absolute(path), runner.card.preprocessing)[0]] * args.batch
+            )
             runner.predict(batch)
             model_started = time.perf_counter()
             rounds = max(1, args.studies // args.batch)
@@ -144,13 +160,17 @@ def main() -> None:
         services.close()
 
     rate = args.studies / elapsed
-    print(f"\nwhole worker: {args.studies} single-image chest studies in {elapsed:.2f} s = {rate:.2f} studies/s")
+    print(
+        f"\nwhole worker: {args.studies} single-image chest studies in {elapsed:.2f} s = {rate:.2f} studies/s"
+    )
     print(f"model stage alone (reference, same run, batch {args.batch}): {model_rate:.2f} images/s")
     print(f"ratio whole worker / model stage: {rate / model_rate:.2f}")
     for name in ("route", "decode", "model", "report"):
         if stages[name]:
-            print(f"  {name:<7} median per job {1000 * statistics.median(stages[name]):7.1f} ms "
-                  f"(model: per batch of up to {args.batch} jobs)")
+            print(
+                f"  {name:<7} median per job {1000 * statistics.median(stages[name]):7.1f} ms "
+                f"(model: per batch of up to {args.batch} jobs)"
+            )
     print(f"target: >= 10 chest studies/s on 2 CPU cores -> {'met' if rate >= 10 else 'not met'}")
 
 

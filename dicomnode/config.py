@@ -32,7 +32,7 @@ DEFAULTS: dict[str, Any] = {
         "min_free_disk_mb": 1024,
         "max_pdu_size": 1048576,
     },
-    "storage": {"path": "var", "database_url": "sqlite:///var/dicomnode.db", "sqlite_synchronous": "FULL"},
+    "storage": {"path": "var", "database_url": "sqlite:///var/dicomnode.db", "sqlite_synchronous": "AUTO"},
     "studies": {"stable_after_seconds": 10},
     "models": {"path": "models"},
     "worker": {
@@ -229,8 +229,8 @@ def config_from_mapping(data: Mapping[str, Any], *, base_dir: Path, source: Path
         if relative and relative != ":memory:":
             database_url = "sqlite:///" + str((base_dir / relative).resolve())
     synchronous = _str(storage, "storage.sqlite_synchronous").upper()
-    if synchronous not in ("FULL", "NORMAL", "EXTRA"):
-        raise ConfigurationError("storage.sqlite_synchronous", "must be FULL, EXTRA or NORMAL")
+    if synchronous not in ("AUTO", "FULL", "NORMAL", "EXTRA"):
+        raise ConfigurationError("storage.sqlite_synchronous", "must be AUTO, FULL, EXTRA or NORMAL")
 
     ae_title = _ae_title(node["ae_title"], "node.ae_title")
     allowed = tuple(

@@ -169,15 +169,15 @@ class StorageSCP:
             return STATUS_CANNOT_UNDERSTAND
 
         try:
-            if self.queue.has_instance(record.sop_instance_uid):
-                logger.debug(
-                    "C-STORE %s already stored; acknowledged without storing again", record.sop_instance_uid
-                )
+            # A resend rewrites the same bytes atomically; the index insert tells us it was one.
+            stored = self.store.write(record.path, data)
+            recorded = record_or_ignore(self.queue, record)
+            # one flush makes file, folder entries and the WAL durable (shared with other associations)
+            self.store.flush()
+            if not recorded:
+                logger.debug("C-STORE %s already stored; acknowledged again", record.sop_instance_uid)
                 self._count(event, "duplicates")
                 return STATUS_SUCCESS
-            stored = self.store.write(record.path, data)
-            if not record_or_ignore(self.queue, record):
-                logger.debug("C-STORE %s stored concurrently by another association", record.sop_instance_uid)
         except StorageFullError as exc:
             logger.error(
                 "C-STORE %s failed (0x%04X out of resources): %s",

@@ -15,9 +15,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, func, select, update
+from sqlalchemy import and_, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -88,31 +89,42 @@ class JobQueue:
             return found is not None
 
     def record_instance(self, record: InstanceRecord) -> bool:
-        """Index a stored instance; return False when it was already indexed (a resend)."""
+        """Index a stored instance; return False when it was already indexed (a resend).
+
+        SQLAlchemy Core statements on the session's connection: no ORM unit of work per instance.
+        """
         now = utcnow()
         with self._write_lock, self.sessions.begin() as session:
-            if session.scalar(
-                select(Instance.id).where(Instance.sop_instance_uid == record.sop_instance_uid)
+            connection = session.connection()
+            if (
+                connection.scalar(
+                    select(Instance.id).where(Instance.sop_instance_uid == record.sop_instance_uid)
+                )
+                is not None
             ):
                 return False
-            study = session.scalar(select(Study).where(Study.study_instance_uid == record.study_instance_uid))
-            if study is None:
-                study = Study(
-                    study_instance_uid=record.study_instance_uid,
-                    patient_id=record.patient_id,
-                    study_date=record.study_date,
-                    first_received_at=now,
-                    last_received_at=now,
-                )
-                session.add(study)
-                session.flush()
+            study_id = connection.scalar(
+                select(Study.id).where(Study.study_instance_uid == record.study_instance_uid)
+            )
+            if study_id is None:
+                inserted = connection.execute(
+                    insert(Study).values(
+                        study_instance_uid=record.study_instance_uid,
+                        patient_id=record.patient_id,
+                        study_date=record.study_date,
+                        first_received_at=now,
+                        last_received_at=now,
+                    )
+                ).inserted_primary_key
+                assert inserted is not None
+                study_id = inserted[0]
             else:
-                study.last_received_at = now
-            session.add(
-                Instance(
+                connection.execute(update(Study).where(Study.id == study_id).values(last_received_at=now))
+            connection.execute(
+                insert(Instance).values(
                     sop_instance_uid=record.sop_instance_uid,
                     sop_class_uid=record.sop_class_uid,
-                    study_id=study.id,
+                    study_id=study_id,
                     series_instance_uid=record.series_instance_uid,
                     transfer_syntax_uid=record.transfer_syntax_uid,
                     modality=record.modality,
@@ -123,6 +135,34 @@ class JobQueue:
                 )
             )
         return True
+
+    def drop_unflushed_instances(self, storage_root: Path, window_seconds: float = 60.0) -> int:
+        """After an unclean stop, forget the newest rows whose file is missing or short; return how many.
+
+        With ``synchronous=NORMAL`` and one ``syncfs`` before each acknowledgement, a row can outlive
+        its file's data only for an instance received just before the crash and never acknowledged:
+        its sender resends it. Only rows within ``window_seconds`` of the newest one are checked.
+        """
+        removed = 0
+        with self._write_lock, self.sessions.begin() as session:
+            newest = session.scalar(select(func.max(Instance.received_at)))
+            if newest is None:
+                return 0
+            since = _aware(newest) - timedelta(seconds=window_seconds)
+            rows = session.execute(
+                select(Instance.id, Instance.path, Instance.size_bytes).where(
+                    Instance.received_at >= since, Instance.job_id.is_(None)
+                )
+            ).all()
+            for instance_id, path, size_bytes in rows:
+                try:
+                    complete = (storage_root / path).stat().st_size == size_bytes
+                except FileNotFoundError:
+                    complete = False
+                if not complete:
+                    session.execute(delete(Instance).where(Instance.id == instance_id))
+                    removed += 1
+        return removed
 
     # --- assembling --------------------------------------------------------------------------------
 

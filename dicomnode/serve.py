@@ -91,6 +91,9 @@ def serve(config: Config, *, port_file: Path | None = None, ready: threading.Eve
     removed = remove_stale_temporaries(config.storage.path)
     if removed:
         logger.info("removed %d temporary files left by an interrupted write (never acknowledged)", removed)
+    dropped = services.queue.drop_unflushed_instances(config.storage.path)
+    if dropped:
+        logger.warning("forgot %d instances whose file was not complete (never acknowledged)", dropped)
     store = services.store()
     server, _scp = start_listener(config.node, store, services.queue)
     host, port = server.server_address[:2]

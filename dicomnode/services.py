@@ -12,7 +12,7 @@ from dicomnode import migrate
 from dicomnode.config import Config
 from dicomnode.db import make_engine, make_sessionmaker
 from dicomnode.queue import JobQueue
-from dicomnode.store import InstanceStore
+from dicomnode.store import InstanceStore, sqlite_synchronous_for
 
 
 @dataclass
@@ -36,7 +36,12 @@ class Services:
 def open_services(config: Config, *, upgrade: bool = False, **_: Any) -> Services:
     """Open the database (optionally migrating it to the newest schema) and the job queue."""
     config.storage.path.mkdir(parents=True, exist_ok=True)
-    engine = make_engine(config.storage.database_url, synchronous=config.storage.sqlite_synchronous)
+    engine = make_engine(
+        config.storage.database_url,
+        synchronous=sqlite_synchronous_for(
+            config.storage.path, config.storage.database_url, config.storage.sqlite_synchronous
+        ),
+    )
     if upgrade:
         migrate.upgrade(engine)
     sessions = make_sessionmaker(engine)

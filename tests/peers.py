@@ -42,8 +42,9 @@ def _listening(port: int) -> bool:
     return False
 
 
-def _wait_until(condition: Any, what: str, process: subprocess.Popen[bytes], log: Path,
-                timeout: float = 20.0) -> None:
+def _wait_until(
+    condition: Any, what: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 20.0
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
@@ -84,7 +85,8 @@ class StorescpPeer:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
                 ["storescp", "-aet", self.aet, "-od", str(self.output_dir), *self.flags, str(self.port)],
-                stdout=log, stderr=subprocess.STDOUT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         _wait_until(lambda: _listening(self.port), "storescp", self.process, self.log_path)
 
@@ -106,8 +108,9 @@ def start_storescp(tmp_path: Path, *flags: str, port: int | None = None) -> Stor
     port = port or free_port()
     root = tmp_path / f"storescp-{port}"
     root.mkdir(parents=True, exist_ok=True)
-    peer = StorescpPeer(port=port, output_dir=root / "received", flags=tuple(flags),
-                        log_path=root / "storescp.log")
+    peer = StorescpPeer(
+        port=port, output_dir=root / "received", flags=tuple(flags), log_path=root / "storescp.log"
+    )
     peer.start()
     return peer
 
@@ -126,8 +129,9 @@ class OrthancPeer:
     def start(self) -> None:
         """Start (or restart on the same ports) and wait until the REST API answers."""
         with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen([ORTHANC_BINARY, str(self.config_path)],
-                                            stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                [ORTHANC_BINARY, str(self.config_path)], stdout=log, stderr=subprocess.STDOUT
+            )
         _wait_until(self._answers, "Orthanc", self.process, self.log_path, timeout=30.0)
         _wait_until(lambda: _listening(self.dicom_port), "Orthanc DICOM", self.process, self.log_path)
 
@@ -187,7 +191,8 @@ def start_orthanc(tmp_path: Path) -> OrthancPeer:
     }
     config_path = root / "orthanc.json"
     config_path.write_text(json.dumps(config, indent=2))
-    peer = OrthancPeer(dicom_port=dicom_port, http_port=http_port, config_path=config_path,
-                       log_path=root / "orthanc.log")
+    peer = OrthancPeer(
+        dicom_port=dicom_port, http_port=http_port, config_path=config_path, log_path=root / "orthanc.log"
+    )
     peer.start()
     return peer

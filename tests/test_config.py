@@ -41,7 +41,9 @@ def test_defaults_are_sane() -> None:
     config = config_from_mapping({}, base_dir=Path("/srv/node"))
     assert (config.node.ae_title, config.node.port) == ("DICOMNODE", 11112)
     assert [r.model for r in config.routes] == ["pneumonia-xception"]
-    assert config.storage.sqlite_synchronous == "FULL"
+    assert (
+        config.storage.sqlite_synchronous == "AUTO"
+    )  # NORMAL when the database shares the spool's filesystem (syncfs covers it), else FULL
     assert config.delivery.retry_max_seconds >= config.delivery.retry_initial_seconds
 
 
@@ -201,3 +203,16 @@ def test_routes_are_parsed_into_match_and_regex(tmp_path: Path) -> None:
     assert first.regex == {"series_description": "chest|thorax"}
     assert second.match == {"image_type": ("ORIGINAL", "PRIMARY")}
     assert config_from_mapping({"routes": []}, base_dir=tmp_path).routes == ()
+
+
+def test_auto_synchronous_is_full_unless_syncfs_covers_the_database(tmp_path: Path) -> None:
+    """AUTO relaxes SQLite's own flush only where the listener's syncfs makes the WAL durable."""
+    from dicomnode.store import sqlite_synchronous_for
+
+    same = f"sqlite:///{tmp_path}/var/db.sqlite"
+    assert sqlite_synchronous_for(tmp_path / "var", same, "AUTO") == "NORMAL"
+    assert sqlite_synchronous_for(tmp_path / "var", "postgresql://node@db/node", "AUTO") == "FULL"
+    assert sqlite_synchronous_for(tmp_path / "var", same, "FULL") == "FULL"
+    shm = Path("/dev/shm")
+    if shm.is_dir() and shm.stat().st_dev != tmp_path.stat().st_dev:
+        assert sqlite_synchronous_for(tmp_path / "var", f"sqlite:///{shm}/x/db.sqlite", "AUTO") == "FULL"

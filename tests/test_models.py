@@ -229,7 +229,10 @@ def test_default_model_installs_with_a_truthful_card(default_package: ModelPacka
     assert card.not_for_clinical_use
     assert "Kermany" in card.training_data and "Guangzhou" in card.training_data
     assert "No licence" in card.licence
-    assert "measured by dicomnode" in card.performance.summary.lower() or "Measured by dicomnode" in card.performance.summary
+    assert (
+        "measured by dicomnode" in card.performance.summary.lower()
+        or "Measured by dicomnode" in card.performance.summary
+    )
     assert {m.value for m in card.performance.measurements} >= {0.861}
 
 

@@ -287,3 +287,20 @@ def test_force_fail_requeues_a_running_job(services: Services) -> None:
     assert job_row(services, job_id).state == JobState.FAILED
     queue.force_fail(job_id, "ignored")  # not running: nothing happens
     assert job_row(services, job_id).error == "timed out again"
+
+
+def test_rows_whose_file_never_reached_disk_are_forgotten_at_start(services: Services) -> None:
+    """After a power loss, rows of missing or short files (never acknowledged) go; complete ones stay."""
+    root = services.config.storage.path
+    study = generate_uid()
+    kept, short, missing = (record(study) for _ in range(3))
+    for item, size in ((kept, 100), (short, 40)):  # record() says 100 bytes
+        path = root / item.path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x" * size)
+    for item in (kept, short, missing):
+        assert services.queue.record_instance(item)
+    assert services.queue.drop_unflushed_instances(root) == 2
+    with services.sessions() as session:
+        left = session.scalars(select(Instance.sop_instance_uid)).all()
+    assert left == [kept.sop_instance_uid]

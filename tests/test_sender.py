@@ -30,8 +30,13 @@ from dicomnode.sender import Sender, Verdict, backoff_seconds, classify_status
 
 STUDY_UID = "1.2.826.0.1.3680043.8.498.1"
 OTHER_STUDY_UID = "1.2.826.0.1.3680043.8.498.2"
-POLICY = DeliveryConfig(retry_initial_seconds=5, retry_max_seconds=300, give_up_after_hours=72,
-                        poll_interval_seconds=0.05, timeout_seconds=5)
+POLICY = DeliveryConfig(
+    retry_initial_seconds=5,
+    retry_max_seconds=300,
+    give_up_after_hours=72,
+    poll_interval_seconds=0.05,
+    timeout_seconds=5,
+)
 
 
 # --- fixtures and helpers --------------------------------------------------------------------------
@@ -64,13 +69,21 @@ def destination(port: int, ae_title: str = "STORESCP", name: str = "pacs") -> De
     return DestinationConfig(name=name, ae_title=ae_title, host="127.0.0.1", port=port)
 
 
-def make_sender(sessions: sessionmaker[Session], storage: Path, *dests: DestinationConfig,
-                policy: DeliveryConfig = POLICY) -> Sender:
+def make_sender(
+    sessions: sessionmaker[Session], storage: Path, *dests: DestinationConfig, policy: DeliveryConfig = POLICY
+) -> Sender:
     return Sender(policy, dests, sessions, storage, ae_title="DICOMNODE", rng=random.Random(7))
 
 
-def add_result(sessions: sessionmaker[Session], storage: Path, source: str, *, dest: str = "pacs",
-               study_instance_uid: str = STUDY_UID, created_at: datetime | None = None) -> int:
+def add_result(
+    sessions: sessionmaker[Session],
+    storage: Path,
+    source: str,
+    *,
+    dest: str = "pacs",
+    study_instance_uid: str = STUDY_UID,
+    created_at: datetime | None = None,
+) -> int:
     """Copy a test file (with a fresh SOP Instance UID) into the storage folder and queue it."""
     dataset = dcmread(get_testdata_file(source, read=False))  # type: ignore[arg-type]
     sop_instance_uid = generate_uid()
@@ -89,9 +102,17 @@ def add_result(sessions: sessionmaker[Session], storage: Path, source: str, *, d
         job = Job(study_id=study.id)
         session.add(job)
         session.flush()
-        row = Outbox(job_id=job.id, study_instance_uid=study_instance_uid, destination=dest,
-                     sop_instance_uid=sop_instance_uid, sop_class_uid=dataset.SOPClassUID, path=relative,
-                     state=DeliveryState.PENDING, created_at=now, next_attempt_at=now)
+        row = Outbox(
+            job_id=job.id,
+            study_instance_uid=study_instance_uid,
+            destination=dest,
+            sop_instance_uid=sop_instance_uid,
+            sop_class_uid=dataset.SOPClassUID,
+            path=relative,
+            state=DeliveryState.PENDING,
+            created_at=now,
+            next_attempt_at=now,
+        )
         session.add(row)
         session.flush()
         return row.id
@@ -121,23 +142,26 @@ def later(seconds: float) -> datetime:
 # --- pure policy -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("status", "verdict"), [
-    (0x0000, Verdict.DELIVERED),
-    (0x0001, Verdict.DELIVERED),
-    (0xB000, Verdict.DELIVERED),
-    (0xB007, Verdict.DELIVERED),
-    (0x0111, Verdict.DELIVERED),
-    (0xA700, Verdict.RETRY),
-    (0xA7FF, Verdict.RETRY),
-    (0x0110, Verdict.RETRY),
-    (0x0213, Verdict.RETRY),
-    (0xA900, Verdict.DEAD),
-    (0xC000, Verdict.DEAD),
-    (0xC211, Verdict.DEAD),
-    (0x0122, Verdict.DEAD),
-    (0x0124, Verdict.DEAD),
-    (0x0117, Verdict.DEAD),
-])
+@pytest.mark.parametrize(
+    ("status", "verdict"),
+    [
+        (0x0000, Verdict.DELIVERED),
+        (0x0001, Verdict.DELIVERED),
+        (0xB000, Verdict.DELIVERED),
+        (0xB007, Verdict.DELIVERED),
+        (0x0111, Verdict.DELIVERED),
+        (0xA700, Verdict.RETRY),
+        (0xA7FF, Verdict.RETRY),
+        (0x0110, Verdict.RETRY),
+        (0x0213, Verdict.RETRY),
+        (0xA900, Verdict.DEAD),
+        (0xC000, Verdict.DEAD),
+        (0xC211, Verdict.DEAD),
+        (0x0122, Verdict.DEAD),
+        (0x0124, Verdict.DEAD),
+        (0x0117, Verdict.DEAD),
+    ],
+)
 def test_classify_status(status: int, verdict: Verdict) -> None:
     """Each DIMSE status maps to delivered, retry or dead as the table in docs/delivery.md says."""
     outcome = classify_status(status)
@@ -157,8 +181,9 @@ def test_backoff_is_exponential_with_full_jitter_and_capped() -> None:
 # --- delivery to dcmtk storescp --------------------------------------------------------------------
 
 
-def test_delivers_many_objects_over_one_association(tmp_path: Path, sessions: sessionmaker[Session],
-                                                    storage: Path, peers: list[Any]) -> None:
+def test_delivers_many_objects_over_one_association(
+    tmp_path: Path, sessions: sessionmaker[Session], storage: Path, peers: list[Any]
+) -> None:
     """Three objects of two SOP classes arrive at storescp over a single association."""
     peer = start_storescp(tmp_path, "-v")
     peers.append(peer)
@@ -176,7 +201,8 @@ def test_delivers_many_objects_over_one_association(tmp_path: Path, sessions: se
 
 
 def test_uncompressed_object_is_converted_to_the_accepted_syntax(
-        tmp_path: Path, sessions: sessionmaker[Session], storage: Path, peers: list[Any]) -> None:
+    tmp_path: Path, sessions: sessionmaker[Session], storage: Path, peers: list[Any]
+) -> None:
     """A peer that takes Implicit VR only still gets an Explicit VR file, converted."""
     peer = start_storescp(tmp_path, "+xi")
     peers.append(peer)
@@ -188,16 +214,18 @@ def test_uncompressed_object_is_converted_to_the_accepted_syntax(
     assert dcmread(received).file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
 
 
-def test_compressed_object_needs_its_own_syntax(tmp_path: Path, sessions: sessionmaker[Session],
-                                                storage: Path, peers: list[Any]) -> None:
+def test_compressed_object_needs_its_own_syntax(
+    tmp_path: Path, sessions: sessionmaker[Session], storage: Path, peers: list[Any]
+) -> None:
     """JPEG data goes as JPEG when the peer accepts it, and is dead (with the reason) when it does not."""
     plain = start_storescp(tmp_path)  # uncompressed syntaxes only
     everything = start_storescp(tmp_path, "+xa")
     peers.extend([plain, everything])
     refused = add_result(sessions, storage, "SC_rgb_jpeg_dcmtk.dcm", dest="plain")
     taken = add_result(sessions, storage, "SC_rgb_jpeg_dcmtk.dcm", dest="all")
-    sender = make_sender(sessions, storage, destination(plain.port, name="plain"),
-                         destination(everything.port, name="all"))
+    sender = make_sender(
+        sessions, storage, destination(plain.port, name="plain"), destination(everything.port, name="all")
+    )
 
     assert sender.run_once() == 2
 
@@ -208,8 +236,9 @@ def test_compressed_object_needs_its_own_syntax(tmp_path: Path, sessions: sessio
     assert len(everything.received()) == 1 and plain.received() == []
 
 
-def test_refused_sop_class_is_dead_at_once(tmp_path: Path, sessions: sessionmaker[Session],
-                                           storage: Path, peers: list[Any]) -> None:
+def test_refused_sop_class_is_dead_at_once(
+    tmp_path: Path, sessions: sessionmaker[Session], storage: Path, peers: list[Any]
+) -> None:
     """A peer without the SR SOP class fails the SR at once (no retries) and still takes the CT."""
     profile = tmp_path / "ct-only.cfg"
     profile.write_text(
@@ -236,20 +265,34 @@ def test_refused_sop_class_is_dead_at_once(tmp_path: Path, sessions: sessionmake
     assert sender.run_once(now=later(3600)) == 0  # dead rows are never picked up again
 
 
-@pytest.mark.parametrize(("flags", "expected"), [
-    (("--refuse",), "association rejected"),
-    (("--abort-during",), "aborted"),
-    (("--abort-after",), "aborted"),
-    (("--sleep-during", "5"), "no C-STORE response"),
-])
-def test_transient_peer_faults_are_retried(tmp_path: Path, sessions: sessionmaker[Session], storage: Path,
-                                           peers: list[Any], flags: tuple[str, ...], expected: str) -> None:
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (("--refuse",), "association rejected"),
+        (("--abort-during",), "aborted"),
+        (("--abort-after",), "aborted"),
+        (("--sleep-during", "5"), "no C-STORE response"),
+    ],
+)
+def test_transient_peer_faults_are_retried(
+    tmp_path: Path,
+    sessions: sessionmaker[Session],
+    storage: Path,
+    peers: list[Any],
+    flags: tuple[str, ...],
+    expected: str,
+) -> None:
     """Refused or aborted associations and a silent peer leave the row pending with a backoff."""
     peer = start_storescp(tmp_path, *flags)
     peers.append(peer)
     row_id = add_result(sessions, storage, "CT_small.dcm")
-    policy = DeliveryConfig(retry_initial_seconds=5, retry_max_seconds=300, give_up_after_hours=72,
-                            poll_interval_seconds=0.05, timeout_seconds=1)
+    policy = DeliveryConfig(
+        retry_initial_seconds=5,
+        retry_max_seconds=300,
+        give_up_after_hours=72,
+        poll_interval_seconds=0.05,
+        timeout_seconds=1,
+    )
     before = utcnow()
     make_sender(sessions, storage, destination(peer.port), policy=policy).run_once()
 
@@ -276,7 +319,8 @@ def test_peer_down_is_retried_with_growing_backoff(sessions: sessionmaker[Sessio
 
 
 def test_out_of_resources_is_retried_and_rejections_are_dead(
-        sessions: sessionmaker[Session], storage: Path, caplog: pytest.LogCaptureFixture) -> None:
+    sessions: sessionmaker[Session], storage: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """A pynetdicom SCP answering chosen statuses: 0xA700 retried, 0xC000/0xA900/0x0122/0x0124 dead,
     warnings delivered; the peer's Error Comment is stored but never logged, nor is patient data."""
     statuses = [0xA700, 0xC000, 0xA900, 0x0122, 0x0124, 0xB000, 0x0001]
@@ -304,9 +348,15 @@ def test_out_of_resources_is_retried_and_rejections_are_dead(
     finally:
         server.shutdown()
 
-    expected = {0xA700: DeliveryState.PENDING, 0xC000: DeliveryState.DEAD, 0xA900: DeliveryState.DEAD,
-                0x0122: DeliveryState.DEAD, 0x0124: DeliveryState.DEAD, 0xB000: DeliveryState.DELIVERED,
-                0x0001: DeliveryState.DELIVERED}
+    expected = {
+        0xA700: DeliveryState.PENDING,
+        0xC000: DeliveryState.DEAD,
+        0xA900: DeliveryState.DEAD,
+        0x0122: DeliveryState.DEAD,
+        0x0124: DeliveryState.DEAD,
+        0xB000: DeliveryState.DELIVERED,
+        0x0001: DeliveryState.DELIVERED,
+    }
     for status, state in expected.items():
         row = outbox(sessions, ids[status])
         assert (row.state, row.last_status, row.attempts) == (state, status, 1), hex(status)
@@ -332,8 +382,9 @@ def test_gives_up_after_the_configured_hours(sessions: sessionmaker[Session], st
     assert pending.next_attempt_at <= pending.created_at + timedelta(hours=72)
 
 
-def test_missing_file_and_unknown_destination_are_dead(sessions: sessionmaker[Session],
-                                                       storage: Path) -> None:
+def test_missing_file_and_unknown_destination_are_dead(
+    sessions: sessionmaker[Session], storage: Path
+) -> None:
     """A result file that vanished, or a destination no longer configured, fails fast with a reason."""
     missing = add_result(sessions, storage, "CT_small.dcm")
     (storage / outbox(sessions, missing).path).unlink()
@@ -346,13 +397,19 @@ def test_missing_file_and_unknown_destination_are_dead(sessions: sessionmaker[Se
     assert "'gone' is not in the configuration" in (outbox(sessions, unknown).last_error or "")
 
 
-def test_retry_brings_dead_rows_back(tmp_path: Path, sessions: sessionmaker[Session], storage: Path,
-                                     peers: list[Any]) -> None:
+def test_retry_brings_dead_rows_back(
+    tmp_path: Path, sessions: sessionmaker[Session], storage: Path, peers: list[Any]
+) -> None:
     """retry() by job or by study resets dead rows to pending, due now; they are then delivered."""
     port = free_port()
     first = add_result(sessions, storage, "CT_small.dcm", created_at=utcnow() - timedelta(hours=80))
-    second = add_result(sessions, storage, "CT_small.dcm", created_at=utcnow() - timedelta(hours=80),
-                        study_instance_uid=OTHER_STUDY_UID)
+    second = add_result(
+        sessions,
+        storage,
+        "CT_small.dcm",
+        created_at=utcnow() - timedelta(hours=80),
+        study_instance_uid=OTHER_STUDY_UID,
+    )
     sender = make_sender(sessions, storage, destination(port))
     sender.run_once()
     assert outbox(sessions, first).state is outbox(sessions, second).state is DeliveryState.DEAD
@@ -401,8 +458,9 @@ def wait_for(condition: Callable[[], bool], timeout: float = 20.0) -> None:
         time.sleep(0.02)
 
 
-def test_run_forever_delivers_and_survives_bad_rows(tmp_path: Path, sessions: sessionmaker[Session],
-                                                    storage: Path, peers: list[Any]) -> None:
+def test_run_forever_delivers_and_survives_bad_rows(
+    tmp_path: Path, sessions: sessionmaker[Session], storage: Path, peers: list[Any]
+) -> None:
     """The loop delivers rows added while it runs, dead-letters a broken one, and stops on the event."""
     peer = start_storescp(tmp_path)
     peers.append(peer)
@@ -428,8 +486,9 @@ def test_run_forever_delivers_and_survives_bad_rows(tmp_path: Path, sessions: se
 
 
 @pytest.mark.e2e
-def test_delivers_to_orthanc(tmp_path: Path, sessions: sessionmaker[Session], storage: Path,
-                             peers: list[Any]) -> None:
+def test_delivers_to_orthanc(
+    tmp_path: Path, sessions: sessionmaker[Session], storage: Path, peers: list[Any]
+) -> None:
     """A CT and an SR reach Orthanc; a resend of the same SOP Instance UID is harmless."""
     orthanc = start_orthanc(tmp_path)
     peers.append(orthanc)
