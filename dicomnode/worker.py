@@ -50,7 +50,7 @@ from dicomnode.report import (
     build_sr,
 )
 from dicomnode.services import Services, open_services
-from dicomnode.store import durable_write
+from dicomnode.store import fast_write
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +134,7 @@ class Worker:
             config.models.path, device=config.worker.device, max_batch_size=config.worker.max_batch_size
         )
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self.store = services.store()
         self.watchdog = Watchdog(services, config.worker.lease_seconds)
 
     def close(self) -> None:
@@ -291,6 +292,8 @@ class Worker:
             findings = study_findings(job.study_instance_uid, card.identity, images, maps, job.id)
             objects = self._build_objects(findings, images, card.task, job.study_id, results_dir)
             outputs.append((findings, objects))
+        if outputs:
+            self.store.flush()  # results and heat maps on disk before the rows that point at them
         with self.services.queue.transaction() as session:
             for findings, objects in outputs:
                 session.add(
@@ -359,7 +362,7 @@ class Worker:
             path.parent.mkdir(parents=True, exist_ok=True)
             buffer = BytesIO()
             ds.save_as(buffer, enforce_file_format=True)
-            durable_write(path, buffer.getvalue())
+            fast_write(path, buffer.getvalue())  # made durable by the flush before the commit
             objects.append(
                 {
                     "kind": kind,
