@@ -127,6 +127,7 @@ def serve(config: Config, *, port_file: Path | None = None, ready: threading.Eve
             logger.warning("aborted %d associations still open after the grace period", remaining)
         for child in children:
             child.stop(timeout=max(10.0, config.worker.job_timeout_seconds / 10))
+        store.close()
         services.close()
         (config.storage.path / RUNTIME_STATE_FILE).unlink(missing_ok=True)
         for signum, handler in previous.items():

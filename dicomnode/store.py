@@ -108,6 +108,10 @@ class InstanceStore:
         directory.mkdir(parents=True, exist_ok=True)  # made durable by the syncfs that follows
         self._known_dirs.add(directory)
 
+    def close(self) -> None:
+        """Release the folder handle the flushes use."""
+        self.filesystem_sync.close()
+
     def flush(self) -> None:
         """Make every write so far durable (one ``syncfs`` shared by concurrent callers)."""
         try:
@@ -163,6 +167,12 @@ class FilesystemSync:
         self._done = 0
         self._failed_upto = 0
         self._running = False
+
+    def close(self) -> None:
+        with self._cond:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
 
     def sync(self) -> None:
         with self._cond:

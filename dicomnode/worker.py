@@ -139,6 +139,7 @@ class Worker:
 
     def close(self) -> None:
         self.watchdog.close()
+        self.store.close()
 
     # --- the loop ----------------------------------------------------------------------------------
 

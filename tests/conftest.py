@@ -56,6 +56,7 @@ class RunningListener:
 
     def stop(self) -> None:
         stop_listener(self.server, grace_seconds=5)
+        self.store.close()
 
 
 @pytest.fixture
