@@ -27,7 +27,7 @@ def configure_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level),
         stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s",
     )
     # pynetdicom logs every PDU at INFO; keep its routine chatter out of the operator's log.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
@@ -62,6 +62,15 @@ def cmd_worker(config: Config, args: argparse.Namespace) -> int:
     from dicomnode.worker import run_worker
 
     return run_worker(config, burst=args.burst)
+
+
+def cmd_listen(config: Config, args: argparse.Namespace) -> int:
+    from dicomnode.runtime import die_with_parent
+
+    die_with_parent()
+    from dicomnode.serve import listen
+
+    return listen(config, args.port)
 
 
 def cmd_sender(config: Config, args: argparse.Namespace) -> int:
@@ -225,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--burst", action="store_true", help="drain the queue once and exit")
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser(
+        "listen", parents=[common], help="an extra listener on a shared port (serve starts these)"
+    )
+    p.add_argument("--port", type=int, required=True, help="the port the first listener bound")
+    p.set_defaults(func=cmd_listen)
 
     p = sub.add_parser("sender", parents=[common], help="run the result sender (serve starts it itself)")
     p.add_argument("--burst", action="store_true", help="deliver what is due once and exit")

@@ -31,6 +31,7 @@ DEFAULTS: dict[str, Any] = {
         "max_associations": 16,
         "min_free_disk_mb": 1024,
         "max_pdu_size": 1048576,
+        "listener_processes": 1,
     },
     "storage": {"path": "var", "database_url": "sqlite:///var/dicomnode.db", "sqlite_synchronous": "AUTO"},
     "studies": {"stable_after_seconds": 10},
@@ -89,6 +90,7 @@ class NodeConfig:
     max_associations: int
     min_free_disk_mb: int
     max_pdu_size: int
+    listener_processes: int = 1
 
 
 @dataclass(frozen=True)
@@ -247,6 +249,7 @@ def config_from_mapping(data: Mapping[str, Any], *, base_dir: Path, source: Path
             max_associations=_int(node, "node.max_associations", 1, 1000),
             min_free_disk_mb=_int(node, "node.min_free_disk_mb", 0, 2**40),
             max_pdu_size=_int(node, "node.max_pdu_size", 0, 2**31 - 1),
+            listener_processes=_int(node, "node.listener_processes", 1, 64),
         ),
         storage=StorageConfig(path=storage_path, database_url=database_url, sqlite_synchronous=synchronous),
         studies=StudiesConfig(

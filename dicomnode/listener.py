@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -273,12 +274,36 @@ def build_ae(node: NodeConfig) -> AE:
     return ae
 
 
+class SharedPortServer(ThreadedAssociationServer):
+    """An association server whose port other listener processes may bind too (SO_REUSEPORT).
+
+    The kernel spreads new associations over the processes, so parallel associations are not
+    limited by one interpreter's GIL.
+    """
+
+    def server_bind(self) -> None:
+        assert self.socket is not None
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
 def start_listener(
-    node: NodeConfig, store: InstanceStore, queue: JobQueue, *, port: int | None = None
+    node: NodeConfig,
+    store: InstanceStore,
+    queue: JobQueue,
+    *,
+    port: int | None = None,
+    shared_port: bool = False,
 ) -> tuple[ThreadedAssociationServer, StorageSCP]:
-    """Start the SCP in background threads; the returned server's ``server_address`` has the real port."""
+    """Start the SCP in background threads; the returned server's ``server_address`` has the real port.
+
+    With ``shared_port`` other processes can listen on the same port (``node.listener_processes``);
+    each then allows ``max_associations`` divided among the processes.
+    """
     scp = StorageSCP(store, queue)
     ae = build_ae(node)
+    if shared_port and node.listener_processes > 1:
+        ae.maximum_associations = max(1, -(-node.max_associations // node.listener_processes))
     handlers: list[Any] = [
         (evt.EVT_C_ECHO, scp.handle_echo),
         (evt.EVT_C_STORE, scp.handle_store),
@@ -286,10 +311,15 @@ def start_listener(
         (evt.EVT_RELEASED, scp.handle_closed),
         (evt.EVT_ABORTED, scp.handle_closed),
     ]
-    server = ae.start_server(
-        (node.host, node.port if port is None else port), block=False, evt_handlers=handlers
-    )
-    assert server is not None
+    address = (node.host, node.port if port is None else port)
+    if shared_port:
+        server = ae.make_server(address, evt_handlers=handlers, server_class=SharedPortServer)
+        threading.Thread(target=server.serve_forever, name="listener", daemon=True).start()
+        ae._servers.append(server)  # as AE.start_server does; server.shutdown() removes it again
+    else:
+        started = ae.start_server(address, block=False, evt_handlers=handlers)
+        assert started is not None
+        server = started
     logger.info("listening as %s on %s:%d", node.ae_title, *server.server_address[:2])
     return server, scp
 

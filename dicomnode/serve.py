@@ -85,6 +85,24 @@ def child_argv(config: Config, command: str) -> list[str]:
     return [*argv, command]
 
 
+def listen(config: Config, port: int) -> int:
+    """One more listener process on a shared port (started by ``serve`` when listener_processes > 1)."""
+    from dicomnode.runtime import StopSignal
+
+    services = open_services(config, upgrade=False)
+    store = services.store()
+    server, _scp = start_listener(config.node, store, services.queue, port=port, shared_port=True)
+    stop = StopSignal()
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        stop_listener(server, grace_seconds=30.0)
+        store.close()
+        services.close()
+    return 0
+
+
 def serve(config: Config, *, port_file: Path | None = None, ready: threading.Event | None = None) -> int:
     """Run the node until SIGTERM/SIGINT; return the exit code."""
     services = open_services(config, upgrade=True)
@@ -95,7 +113,8 @@ def serve(config: Config, *, port_file: Path | None = None, ready: threading.Eve
     if dropped:
         logger.warning("forgot %d instances whose file was not complete (never acknowledged)", dropped)
     store = services.store()
-    server, _scp = start_listener(config.node, store, services.queue)
+    shared = config.node.listener_processes > 1
+    server, _scp = start_listener(config.node, store, services.queue, shared_port=shared)
     host, port = server.server_address[:2]
     if port_file is not None:
         durable_write(port_file, f"{port}\n".encode())  # atomic: readers never see a partial file
@@ -105,6 +124,8 @@ def serve(config: Config, *, port_file: Path | None = None, ready: threading.Eve
     ]
     if config.destinations:
         children.append(Child("sender", child_argv(config, "sender")))
+    for index in range(1, config.node.listener_processes):  # more listeners on the same port
+        children.append(Child(f"listener-{index + 1}", [*child_argv(config, "listen"), "--port", str(port)]))
 
     stop = threading.Event()
 

@@ -27,7 +27,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
-from test_cli import write_config
+from test_cli import send, write_config
 
 from dicomnode.cli import main
 
@@ -401,3 +401,49 @@ def test_sigkill_while_the_worker_starts(node: Node) -> None:
 
     wait_for(settled, 60, "the orphaned worker to exit or settle", 0.05)
     assert not child.alive(), "worker outlived its SIGKILLed serve"
+
+
+def test_several_listener_processes_share_the_port(tmp_path: Path) -> None:
+    """With node.listener_processes = 2, parallel associations are served by two processes on one port,
+    every acknowledged instance is stored once, and SIGTERM stops them all with exit 0."""
+    config_path = write_config(
+        tmp_path, node={"listener_processes": 2}, studies={"stable_after_seconds": 3600}
+    )
+    node = Node(config_path.resolve(), tmp_path / "serve.log")
+    try:
+        port = node.start()
+
+        def listening_pids() -> set[str] | None:
+            lines = node.log_path.read_text(errors="replace").splitlines()
+            pids = {line.split("[")[1].split("]")[0] for line in lines if "listening as DICOMNODE" in line}
+            return pids if len(pids) == 2 else None
+
+        wait_for(listening_pids, 60, "two listener processes")
+        study = generate_uid()
+        batches = [[ct_like(study, generate_uid(), i, size=32) for i in range(10)] for _ in range(8)]
+        results: list[list[int]] = []
+        errors: list[BaseException] = []
+
+        def run(batch: list[Any]) -> None:
+            try:  # three associations in a row per thread: 24 in all, at most 8 at once
+                for part in (batch[:3], batch[3:6], batch[6:]):
+                    results.append(send(port, "DICOMNODE", part))
+            except BaseException as exc:  # reported below with the node's log
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(b,)) for b in batches]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert not errors, f"{errors!r}\n{node.log_tail()}"
+        assert sorted(s for r in results for s in r) == [0] * 80
+        log = node.log_path.read_text(errors="replace").splitlines()
+        serving = {line.split("[")[1].split("]")[0] for line in log if "association accepted" in line}
+        assert len(serving) == 2  # the kernel spread the 24 associations over both processes
+        node.process.send_signal(signal.SIGTERM)
+        assert node.process.wait(60) == 0
+        with sqlite3.connect(node.database) as db:
+            assert db.execute("SELECT COUNT(*) FROM instances").fetchone()[0] == 80
+    finally:
+        node.cleanup()
