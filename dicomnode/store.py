@@ -207,26 +207,18 @@ class FilesystemSync:
 
 
 def fast_write(target: Path, data: bytes) -> None:
-    """Temp file, write, rename: durability comes from the FilesystemSync that follows."""
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+    """Temp file, write, rename: durability comes from the FilesystemSync flush that follows."""
+    _atomic_write(target, data, flush=False)
 
 
 def durable_write(target: Path, data: bytes) -> None:
-    """Atomically replace ``target`` with ``data``: temp file, fsync, rename, fsync folder.
+    """Atomically replace ``target`` with ``data``: temp file, fsync, rename, fsync folder."""
+    _atomic_write(target, data, flush=True)
+    fsync_dir(target.parent)
+
+
+def _atomic_write(target: Path, data: bytes, *, flush: bool) -> None:
+    """Write a temporary file beside ``target`` (fsynced when ``flush``) and rename it over ``target``.
 
     On failure the temporary file is removed, so no partial file is ever left under any name.
     """
@@ -238,7 +230,8 @@ def durable_write(target: Path, data: bytes) -> None:
             while view:
                 written = os.write(fd, view)
                 view = view[written:]
-            os.fsync(fd)
+            if flush:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, target)
@@ -246,7 +239,6 @@ def durable_write(target: Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-    fsync_dir(target.parent)
 
 
 def fsync_dir(directory: Path) -> None:
