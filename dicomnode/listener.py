@@ -170,8 +170,11 @@ class StorageSCP:
             return STATUS_CANNOT_UNDERSTAND
 
         try:
-            # A resend rewrites the same bytes atomically; the index insert tells us it was one.
-            stored = self.store.write(record.path, data)
+            # The final name appears only by rename after a complete write, so an existing file is an
+            # instance received before (a resend): the first copy is kept. After a power loss, a
+            # file whose data never reached the disk is removed at start (drop_unflushed_instances).
+            if not self.store.absolute(record.path).exists():
+                self.store.write(record.path, data)
             recorded = record_or_ignore(self.queue, record)
             # one flush makes file, folder entries and the WAL durable (shared with other associations)
             self.store.flush()
@@ -197,7 +200,7 @@ class StorageSCP:
             )
             self._count(event, "failed")
             return STATUS_OUT_OF_RESOURCES
-        self._count(event, "stored", stored.size_bytes)
+        self._count(event, "stored", len(data))
         return STATUS_SUCCESS
 
     def _record_from(self, header: Dataset, event: evt.Event, data: bytes) -> InstanceRecord:

@@ -137,7 +137,8 @@ class JobQueue:
         return True
 
     def drop_unflushed_instances(self, storage_root: Path, window_seconds: float = 60.0) -> int:
-        """After an unclean stop, forget the newest rows whose file is missing or short; return how many.
+        """After an unclean stop, forget the newest rows whose file is missing or short (and delete
+        such a file); return how many.
 
         With ``synchronous=NORMAL`` and one ``syncfs`` before each acknowledgement, a row can outlive
         its file's data only for an instance received just before the crash and never acknowledged:
@@ -161,6 +162,7 @@ class JobQueue:
                     complete = False
                 if not complete:
                     session.execute(delete(Instance).where(Instance.id == instance_id))
+                    (storage_root / path).unlink(missing_ok=True)  # so the resend writes it afresh
                     removed += 1
         return removed
 

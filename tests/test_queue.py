@@ -304,3 +304,4 @@ def test_rows_whose_file_never_reached_disk_are_forgotten_at_start(services: Ser
     with services.sessions() as session:
         left = session.scalars(select(Instance.sop_instance_uid)).all()
     assert left == [kept.sop_instance_uid]
+    assert (root / kept.path).exists() and not (root / short.path).exists()  # a resend writes it afresh
