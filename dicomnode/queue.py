@@ -83,11 +83,6 @@ class JobQueue:
 
     # --- receiving ---------------------------------------------------------------------------------
 
-    def has_instance(self, sop_instance_uid: str) -> bool:
-        with self.sessions() as session:
-            found = session.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid))
-            return found is not None
-
     def record_instance(self, record: InstanceRecord) -> bool:
         """Index a stored instance; return False when it was already indexed (a resend).
 
