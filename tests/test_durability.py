@@ -14,14 +14,14 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pydicom
 import pytest
+from e2e_helpers import wait_for
 from factories import ct_like
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
@@ -37,18 +37,6 @@ KILL_AFTER_ACKNOWLEDGED = 150
 SEND_BEFORE_WORKER_READY = 100
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.01) -> Any:
-    """Poll ``condition`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 # --- /proc: the process tree, so that no child can outlive the test unnoticed ------------------------
@@ -174,7 +162,7 @@ class Node:
             text = port_file.read_text() if port_file.exists() else ""
             return int(text) if text.endswith("\n") else None
 
-        return int(wait_for(port, 60, "serve to listen"))
+        return int(wait_for(port, "serve to listen", 60, interval=0.01))
 
     def wait_worker_ready(self) -> Proc:
         """The worker child, once it is running its loop (it has opened the database)."""
@@ -185,7 +173,7 @@ class Node:
                     return proc
             return None
 
-        worker: Proc = wait_for(ready, 60, "the worker to start", interval=0.05)
+        worker: Proc = wait_for(ready, "the worker to start", 60, interval=0.05)
         return worker
 
     def remember_tree(self) -> list[Proc]:
@@ -251,7 +239,7 @@ def unblock_after_abort(assoc: Association) -> None:
     pynetdicom waits the whole DIMSE timeout for a response even after the connection dropped; once
     the association is aborted no answer can come, so an empty message ends the wait at once.
     """
-    wait_for(lambda: not assoc.is_established, 30, "the association to notice the dead peer")
+    wait_for(lambda: not assoc.is_established, "the association to notice the dead peer", 30, interval=0.01)
     assoc.dimse.msg_queue.put((None, None))
 
 
@@ -309,7 +297,7 @@ def test_sigkill_mid_transfer_loses_nothing_acknowledged(
         node.wait_worker_ready()
     finally:
         worker_ready.set()
-    wait_for(lambda: len(acknowledged) >= KILL_AFTER_ACKNOWLEDGED, 120, "150 acknowledged instances", 0.001)
+    wait_for(lambda: len(acknowledged) >= KILL_AFTER_ACKNOWLEDGED, "150 acknowledged instances", 120, 0.001)
     tree = node.remember_tree()
     node.process.kill()  # SIGKILL the serve process only: its children must follow by themselves
     at_kill = len(acknowledged)
@@ -320,7 +308,7 @@ def test_sigkill_mid_transfer_loses_nothing_acknowledged(
     assert KILL_AFTER_ACKNOWLEDGED <= len(acknowledged) < TRANSFER_SIZE, "the kill did not land mid-transfer"
     assert len(acknowledged) - at_kill <= 1  # at most the answer already on the wire
     assert any(p.cmdline.rstrip().endswith(" worker") for p in tree)
-    wait_for(lambda: not [p for p in tree if p.alive()], 30, "serve's children to exit after SIGKILL", 0.05)
+    wait_for(lambda: not [p for p in tree if p.alive()], "serve's children to exit after SIGKILL", 30, 0.05)
     assert not processes_naming(str(node.config_path))
 
     port = node.start()  # the same storage and database
@@ -369,7 +357,7 @@ def test_sigterm_lets_the_open_association_finish(node: Node, capsys: pytest.Cap
             return False
         return True
 
-    wait_for(refused, 30, "serve to stop accepting associations", 0.05)
+    wait_for(refused, "serve to stop accepting associations", 30, 0.05)
     assert node.process.poll() is None, "serve exited with an association still open"
     send_all(assoc, datasets[10:], acknowledged)
     assert len(acknowledged) == 20
@@ -390,7 +378,7 @@ def test_sigkill_while_the_worker_starts(node: Node) -> None:
             (p for p in descendants(node.process.pid) if p.cmdline.rstrip().endswith(" worker")), None
         )
 
-    child: Proc = wait_for(worker, 30, "the worker process to be started")
+    child: Proc = wait_for(worker, "the worker process to be started", 30, interval=0.01)
     node.seen.append(child)
     node.process.kill()
     node.process.wait(10)
@@ -399,7 +387,7 @@ def test_sigkill_while_the_worker_starts(node: Node) -> None:
         # gone (fixed), or orphaned and already in its loop with the database open (it will never stop)
         return not child.alive() or has_open(child.pid, node.database)
 
-    wait_for(settled, 60, "the orphaned worker to exit or settle", 0.05)
+    wait_for(settled, "the orphaned worker to exit or settle", 60, 0.05)
     assert not child.alive(), "worker outlived its SIGKILLed serve"
 
 
@@ -418,7 +406,7 @@ def test_several_listener_processes_share_the_port(tmp_path: Path) -> None:
             pids = {line.split("[")[1].split("]")[0] for line in lines if "listening as DICOMNODE" in line}
             return pids if len(pids) == 2 else None
 
-        wait_for(listening_pids, 60, "two listener processes")
+        wait_for(listening_pids, "two listener processes", 60, interval=0.01)
         study = generate_uid()
         batches = [[ct_like(study, generate_uid(), i, size=32) for i in range(10)] for _ in range(8)]
         results: list[list[int]] = []

@@ -19,6 +19,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -192,7 +193,7 @@ def install_default_model(
     network.eval()
 
     target.mkdir(parents=True, exist_ok=True)
-    _atomic_save(converted.state_dict, target / WEIGHTS_FILE_NAME)
+    atomic_torch_save(converted.state_dict, target / WEIGHTS_FILE_NAME)
     accuracy = _measure(network, validation_images(package_dir), converted.input_size) if measure else None
     _atomic_write(target / CARD_FILE_NAME, default_card_toml(converted, archive.name, accuracy))
     load_model_package(target)  # the card must validate and the weights must be there
@@ -220,8 +221,9 @@ def _measure(
     return correct, len(images)
 
 
-def _atomic_save(state: dict[str, torch.Tensor], path: Path) -> None:
+def atomic_torch_save(state: Any, path: Path) -> None:
     """torch.save to a temporary file, fsync, then rename: a crash never leaves half a weights file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.tmp")
     try:
         with temp.open("wb") as handle:

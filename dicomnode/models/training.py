@@ -41,6 +41,7 @@ from dicomnode.evaluation import CaseResult, choose_threshold, evaluate
 from dicomnode.imaging import PreprocessSpec, decode_model_input
 from dicomnode.models import load_model_package
 from dicomnode.models.card import CARD_FILE_NAME, ModelCard, parse_card
+from dicomnode.models.install import atomic_torch_save
 from dicomnode.models.runner import build_network, probabilities_from_logits
 
 logger = logging.getLogger(__name__)
@@ -613,20 +614,6 @@ def resolve_device(name: str) -> torch.device:
 # --- checkpoints ----------------------------------------------------------------------------------
 
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file, fsync, rename: a crash never leaves half a checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp")
-    try:
-        with temp.open("wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
-
-
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
@@ -851,7 +838,7 @@ def _write_package(
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        _atomic_torch_save(weights, staging / WEIGHTS_FILE_NAME)
+        atomic_torch_save(weights, staging / WEIGHTS_FILE_NAME)
         (staging / CARD_FILE_NAME).write_text(card_text, encoding="utf-8")
         (staging / SUMMARY_FILE_NAME).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         build_network(load_model_package(staging))  # the card validates and the weights fit
@@ -1023,7 +1010,7 @@ def train(config: TrainConfig | Path | str, *, progress: bool = True) -> Path:
         improved = metric > best_metric
         if improved:
             best_metric, best_epoch, stale = metric, epoch, 0
-            _atomic_torch_save(_cpu_state(network), best_path)
+            atomic_torch_save(_cpu_state(network), best_path)
         else:
             stale += 1
         history.append(
@@ -1035,7 +1022,7 @@ def train(config: TrainConfig | Path | str, *, progress: bool = True) -> Path:
         if progress:
             tqdm.write(message + (" (best)" if improved else ""))
         logger.info("%s%s", message, " (best)" if improved else "")
-        _atomic_torch_save(
+        atomic_torch_save(
             {
                 "fingerprint": fingerprint,
                 "epoch": epoch,
