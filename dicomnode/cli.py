@@ -164,7 +164,10 @@ def cmd_db(config: Config, args: argparse.Namespace) -> int:
     engine = make_engine(
         config.storage.database_url,
         synchronous=sqlite_synchronous_for(
-            config.storage.path, config.storage.database_url, config.storage.sqlite_synchronous
+            config.storage.path,
+            config.storage.database_url,
+            config.storage.sqlite_synchronous,
+            config.storage.flush,
         ),
     )
     try:

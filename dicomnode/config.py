@@ -33,7 +33,12 @@ DEFAULTS: dict[str, Any] = {
         "max_pdu_size": 1048576,
         "listener_processes": 1,
     },
-    "storage": {"path": "var", "database_url": "sqlite:///var/dicomnode.db", "sqlite_synchronous": "AUTO"},
+    "storage": {
+        "path": "var",
+        "database_url": "sqlite:///var/dicomnode.db",
+        "sqlite_synchronous": "AUTO",
+        "flush": "syncfs",
+    },
     "studies": {"stable_after_seconds": 10},
     "models": {"path": "models"},
     "worker": {
@@ -100,6 +105,7 @@ class StorageConfig:
     path: Path
     database_url: str
     sqlite_synchronous: str
+    flush: str = "syncfs"
 
     @property
     def instances_path(self) -> Path:
@@ -251,7 +257,12 @@ def config_from_mapping(data: Mapping[str, Any], *, base_dir: Path, source: Path
             max_pdu_size=_int(node, "node.max_pdu_size", 0, 2**31 - 1),
             listener_processes=_int(node, "node.listener_processes", 1, 64),
         ),
-        storage=StorageConfig(path=storage_path, database_url=database_url, sqlite_synchronous=synchronous),
+        storage=StorageConfig(
+            path=storage_path,
+            database_url=database_url,
+            sqlite_synchronous=synchronous,
+            flush=_choice(storage, "storage.flush", ("syncfs", "fsync")),
+        ),
         studies=StudiesConfig(
             stable_after_seconds=_float(studies, "studies.stable_after_seconds", 0.0, 86400.0)
         ),

@@ -26,7 +26,9 @@ class Services:
 
     def store(self) -> InstanceStore:
         return InstanceStore(
-            self.config.storage.path, min_free_bytes=self.config.node.min_free_disk_mb * 1024 * 1024
+            self.config.storage.path,
+            min_free_bytes=self.config.node.min_free_disk_mb * 1024 * 1024,
+            flush_mode=self.config.storage.flush,
         )
 
     def close(self) -> None:
@@ -39,7 +41,10 @@ def open_services(config: Config, *, upgrade: bool = False, **_: Any) -> Service
     engine = make_engine(
         config.storage.database_url,
         synchronous=sqlite_synchronous_for(
-            config.storage.path, config.storage.database_url, config.storage.sqlite_synchronous
+            config.storage.path,
+            config.storage.database_url,
+            config.storage.sqlite_synchronous,
+            config.storage.flush,
         ),
     )
     if upgrade:

@@ -54,11 +54,20 @@ class InstanceStore:
     """Durable file storage under ``root``/instances/STUDY/SERIES/SOP.dcm."""
 
     def __init__(
-        self, root: Path, *, min_free_bytes: int = 0, writer: Callable[[Path, bytes], None] | None = None
+        self,
+        root: Path,
+        *,
+        min_free_bytes: int = 0,
+        writer: Callable[[Path, bytes], None] | None = None,
+        flush_mode: str = "syncfs",
     ) -> None:
         self.root = root
         self.min_free_bytes = min_free_bytes
-        self.writer = writer or fast_write  # injectable for fault-injection tests
+        # "syncfs": write, rename, then one shared syncfs per acknowledgement (group commit);
+        # "fsync": fsync every file and folder on its own (for a spool on a busy, shared filesystem)
+        self.flush_mode = flush_mode
+        self.file_writer = fast_write if flush_mode == "syncfs" else durable_write
+        self.writer = writer or self.file_writer  # injectable for fault-injection tests
         self._free_checked_at = 0.0
         self._free_ok = True
         self._free_lock = threading.Lock()
@@ -105,15 +114,30 @@ class InstanceStore:
     def _ensure_dir(self, directory: Path) -> None:
         if directory in self._known_dirs:
             return
-        directory.mkdir(parents=True, exist_ok=True)  # made durable by the syncfs that follows
+        missing = []
+        current = directory
+        while not current.exists():
+            missing.append(current)
+            current = current.parent
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.flush_mode == "fsync":  # with syncfs the flush before the acknowledgement covers them
+            for created in reversed(missing):
+                fsync_dir(created.parent)
         self._known_dirs.add(directory)
 
     def close(self) -> None:
         """Release the folder handle the flushes use."""
         self.filesystem_sync.close()
 
+    def write_file(self, path: Path, data: bytes) -> None:
+        """Write a result file atomically; durable after :meth:`flush` (or at once in fsync mode)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file_writer(path, data)
+
     def flush(self) -> None:
         """Make every write so far durable (one ``syncfs`` shared by concurrent callers)."""
+        if self.flush_mode == "fsync":
+            return  # every write was flushed on its own
         try:
             self.filesystem_sync.sync()
         except OSError as exc:
@@ -131,7 +155,9 @@ except (OSError, AttributeError):  # not Linux: every write is fsynced on its ow
     _syncfs = None
 
 
-def sqlite_synchronous_for(storage_root: Path, database_url: str, configured: str) -> str:
+def sqlite_synchronous_for(
+    storage_root: Path, database_url: str, configured: str, flush_mode: str = "syncfs"
+) -> str:
     """The SQLite ``synchronous`` level to use.
 
     ``AUTO`` means NORMAL when the SQLite file lives on the spool's filesystem and ``syncfs`` exists:
@@ -140,7 +166,7 @@ def sqlite_synchronous_for(storage_root: Path, database_url: str, configured: st
     """
     if configured != "AUTO":
         return configured
-    if _syncfs is None or not database_url.startswith("sqlite:///"):
+    if flush_mode != "syncfs" or _syncfs is None or not database_url.startswith("sqlite:///"):
         return "FULL"
     database = Path(database_url.removeprefix("sqlite:///"))
     folder = database.parent

@@ -50,7 +50,6 @@ from dicomnode.report import (
     build_sr,
 )
 from dicomnode.services import Services, open_services
-from dicomnode.store import fast_write
 
 logger = logging.getLogger(__name__)
 
@@ -287,8 +286,9 @@ class Worker:
             for index, image in enumerate(images):
                 for label, array in image.heatmaps.items():
                     path = results_dir / "heatmaps" / f"{image.header.SOPInstanceUID}-{label}.npy"
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    np.save(path, array)
+                    buffer = BytesIO()
+                    np.save(buffer, array)
+                    self.store.write_file(path, buffer.getvalue())
                     maps.setdefault(index, {})[label] = str(path.relative_to(self.config.storage.path))
             findings = study_findings(job.study_instance_uid, card.identity, images, maps, job.id)
             objects = self._build_objects(findings, images, card.task, job.study_id, results_dir)
@@ -360,10 +360,9 @@ class Worker:
                 str(ds.SOPClassUID), "key-image"
             )
             path = results_dir / f"{kind}-{ds.SOPInstanceUID}.dcm"
-            path.parent.mkdir(parents=True, exist_ok=True)
             buffer = BytesIO()
             ds.save_as(buffer, enforce_file_format=True)
-            fast_write(path, buffer.getvalue())  # made durable by the flush before the commit
+            self.store.write_file(path, buffer.getvalue())  # durable after the flush before the commit
             objects.append(
                 {
                     "kind": kind,

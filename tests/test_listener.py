@@ -393,3 +393,22 @@ def test_storage_contexts_cover_every_storage_class() -> None:
     ae = build_ae(config_from_mapping({}, base_dir=Path.cwd()).node)
     offered = {c.abstract_syntax for c in ae.supported_contexts}
     assert {c.abstract_syntax for c in StoragePresentationContexts} <= offered
+
+
+def test_fsync_flush_mode_stores_and_keeps_sqlite_full(tmp_path: Path) -> None:
+    """storage.flush = "fsync": every file is flushed on its own and SQLite stays FULL."""
+    from dicomnode.services import open_services
+    from dicomnode.store import sqlite_synchronous_for
+
+    config = make_config(tmp_path, storage={"flush": "fsync"})
+    assert sqlite_synchronous_for(config.storage.path, config.storage.database_url, "AUTO", "fsync") == "FULL"
+    services = open_services(config, upgrade=True)
+    running = RunningListener(services)
+    try:
+        assert running.store.flush_mode == "fsync"
+        ds = ct_like(generate_uid(), generate_uid(), 0)
+        assert _send_datasets(running.port, running.ae_title, [ds, ds]) == [STATUS_SUCCESS, STATUS_SUCCESS]
+        assert len(stored_instances(running)) == 1
+    finally:
+        running.stop()
+        services.close()
