@@ -99,3 +99,29 @@ def test_threshold_writes_the_operating_point_into_the_card(default_model: Path,
     threshold = card.labels[0].threshold
     assert 0.0 < threshold < 0.5  # two positives score below 0.5
     assert "chosen by `dicomnode threshold`" in (package / "model.toml").read_text(encoding="utf-8")
+
+
+def test_explain_and_dataset_check_from_the_command_line(
+    default_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`dicomnode explain` writes the heat map over the image; `dataset check --json` counts the demo set."""
+    from PIL import Image
+
+    config = tmp_path / "config.toml"
+    config.write_text(f'[models]\npath = "{default_model.parent}"\n', encoding="utf-8")
+    assert main(["--config", str(config), "dataset", "demo", str(tmp_path / "demo")]) == 0
+    capsys.readouterr()
+    assert (
+        main(["--config", str(config), "dataset", "check", str(tmp_path / "demo" / "labels.csv"), "--json"])
+        == 0
+    )
+    report = json.loads(capsys.readouterr().out)
+    assert "pneumonia" in json.dumps(report) and report.get("unreadable", []) == []
+    source = next((tmp_path / "demo").glob("person*.dcm"))
+    out = tmp_path / "heat.png"
+    assert (
+        main(["--config", str(config), "explain", "pneumonia-xception", str(source), "--out", str(out)]) == 0
+    )
+    assert "Pneumonia" in capsys.readouterr().out
+    with Image.open(out) as image:
+        assert image.mode == "RGB" and max(image.size) <= 1024 and min(image.size) > 100
