@@ -15,6 +15,7 @@ import torch
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
+from dicomnode.cli import main as cli_main
 from dicomnode.errors import ConfigurationError
 from dicomnode.imaging import PreprocessSpec, decode_model_input
 from dicomnode.models import load_model_package
@@ -207,7 +208,8 @@ def test_rerun_resumes_from_the_last_checkpoint(dataset_csv: Path, tmp_path: Pat
     assert "optimizer" in checkpoint and (tmp_path / "checkpoints" / BEST_WEIGHTS).is_file()
 
     config_path.write_text(_scratch_toml(dataset_csv, size=32, epochs=2), encoding="utf-8")
-    train(config_path, progress=False)
+    # the second run goes through the command line: `dicomnode train --config train.toml`
+    assert cli_main(["train", "--config", str(config_path), "--no-progress"]) == 0
     second = json.loads((output / SUMMARY_FILE_NAME).read_text(encoding="utf-8"))
     assert second["training"]["resumed_from_epoch"] == 1
     assert [h["epoch"] for h in second["history"]] == [1, 2]
