@@ -32,6 +32,7 @@ DEFAULTS: dict[str, Any] = {
         "min_free_disk_mb": 1024,
         "max_pdu_size": 1048576,
         "listener_processes": 1,
+        "tls": {},
     },
     "storage": {
         "path": "var",
@@ -85,6 +86,15 @@ ROUTE_REGEX_KEYS = ("series_description",)
 
 
 @dataclass(frozen=True)
+class TLSConfig:
+    """DICOM TLS for the listener (PS3.15 B.1 / BCP 195: TLS 1.2 or newer)."""
+
+    certificate: Path
+    private_key: Path
+    ca_certificates: Path | None  # when set, calling peers must present a certificate it signed
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     """The listener: who we are and whom we accept."""
 
@@ -96,6 +106,7 @@ class NodeConfig:
     min_free_disk_mb: int
     max_pdu_size: int
     listener_processes: int = 1
+    tls: TLSConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -256,6 +267,7 @@ def config_from_mapping(data: Mapping[str, Any], *, base_dir: Path, source: Path
             min_free_disk_mb=_int(node, "node.min_free_disk_mb", 0, 2**40),
             max_pdu_size=_int(node, "node.max_pdu_size", 0, 2**31 - 1),
             listener_processes=_int(node, "node.listener_processes", 1, 64),
+            tls=_tls(node["tls"], base_dir),
         ),
         storage=StorageConfig(
             path=storage_path,
@@ -351,6 +363,29 @@ def _ae_title(value: Any, key: str) -> str:
             key, f"must be a DICOM AE title (1-16 characters, no backslash); got {value!r}"
         )
     return value.strip()
+
+
+def _tls(value: Any, base_dir: Path) -> TLSConfig | None:
+    """``[node.tls]``: absent or empty means plain TCP; certificate and key are then both required."""
+    if not isinstance(value, Mapping):
+        raise ConfigurationError("node.tls", "must be a table")
+    if not value:
+        return None
+    allowed = ("certificate", "private_key", "ca_certificates")
+    for key in value:
+        if key not in allowed:
+            raise ConfigurationError(f"node.tls.{key}", f"unknown key; expected one of {list(allowed)}")
+    paths: dict[str, Path] = {}
+    for key in allowed:
+        if key not in value:
+            if key == "ca_certificates":
+                continue
+            raise ConfigurationError(f"node.tls.{key}", "is required when [node.tls] is present")
+        path = _path(value, f"node.tls.{key}", base_dir)
+        if not path.is_file():
+            raise ConfigurationError(f"node.tls.{key}", f"file {path} does not exist")
+        paths[key] = path
+    return TLSConfig(paths["certificate"], paths["private_key"], paths.get("ca_certificates"))
 
 
 def _routes(value: Any) -> tuple[RouteConfig, ...]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, StoragePresentationCo
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicomnode.config import NodeConfig
+from dicomnode.config import NodeConfig, TLSConfig
 from dicomnode.errors import InvalidDatasetError, StorageFullError
 from dicomnode.queue import InstanceRecord, JobQueue, record_or_ignore
 from dicomnode.store import InstanceStore, validate_uid
@@ -290,6 +291,18 @@ class SharedPortServer(ThreadedAssociationServer):
         super().server_bind()
 
 
+def server_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
+    """A server-side TLS context: TLS 1.2 or newer, our certificate, and client certificates
+    required when a CA is configured (PS3.15 BCP 195 profile)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(tls.certificate, tls.private_key)
+    if tls.ca_certificates is not None:
+        context.load_verify_locations(tls.ca_certificates)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 def start_listener(
     node: NodeConfig,
     store: InstanceStore,
@@ -315,15 +328,23 @@ def start_listener(
         (evt.EVT_ABORTED, scp.handle_closed),
     ]
     address = (node.host, node.port if port is None else port)
+    ssl_context = server_ssl_context(node.tls) if node.tls is not None else None
     if shared_port:
-        server = ae.make_server(address, evt_handlers=handlers, server_class=SharedPortServer)
+        server = ae.make_server(
+            address, evt_handlers=handlers, server_class=SharedPortServer, ssl_context=ssl_context
+        )
         threading.Thread(target=server.serve_forever, name="listener", daemon=True).start()
         ae._servers.append(server)  # as AE.start_server does; server.shutdown() removes it again
     else:
-        started = ae.start_server(address, block=False, evt_handlers=handlers)
+        started = ae.start_server(address, block=False, evt_handlers=handlers, ssl_context=ssl_context)
         assert started is not None
         server = started
-    logger.info("listening as %s on %s:%d", node.ae_title, *server.server_address[:2])
+    logger.info(
+        "listening as %s on %s:%d%s",
+        node.ae_title,
+        *server.server_address[:2],
+        " (TLS)" if ssl_context is not None else "",
+    )
     return server, scp
 
 
