@@ -184,6 +184,16 @@ class DestinationConfig:
     ae_title: str
     host: str
     port: int
+    tls: DestinationTLSConfig | None = None
+
+
+@dataclass(frozen=True)
+class DestinationTLSConfig:
+    """TLS towards a destination: verify the peer against a CA; present our certificate if given."""
+
+    ca_certificates: Path | None  # None: the system's trusted CAs
+    certificate: Path | None
+    private_key: Path | None
 
 
 @dataclass(frozen=True)
@@ -297,7 +307,7 @@ def config_from_mapping(data: Mapping[str, Any], *, base_dir: Path, source: Path
             poll_interval_seconds=_float(delivery, "delivery.poll_interval_seconds", 0.01, 60.0),
             timeout_seconds=_float(delivery, "delivery.timeout_seconds", 1.0, 3600.0),
         ),
-        destinations=_destinations(data.get("destinations", DEFAULTS["destinations"])),
+        destinations=_destinations(data.get("destinations", DEFAULTS["destinations"]), base_dir),
         log_level=_choice(logging_, "logging.level", ("DEBUG", "INFO", "WARNING", "ERROR")),
         raw=data,
     )
@@ -431,7 +441,32 @@ def _routes(value: Any) -> tuple[RouteConfig, ...]:
     return tuple(routes)
 
 
-def _destinations(value: Any) -> tuple[DestinationConfig, ...]:
+def _destination_tls(value: Any, where: str, base_dir: Path) -> DestinationTLSConfig | None:
+    if value is None or value is False:
+        return None
+    if value is True:
+        value = {}
+    if not isinstance(value, Mapping):
+        raise ConfigurationError(where, "must be true or a table (ca_certificates, certificate, private_key)")
+    allowed = ("ca_certificates", "certificate", "private_key")
+    for key in value:
+        if key not in allowed:
+            raise ConfigurationError(f"{where}.{key}", f"unknown key; expected one of {list(allowed)}")
+    if ("certificate" in value) != ("private_key" in value):
+        raise ConfigurationError(f"{where}.private_key", "certificate and private_key go together")
+    paths: dict[str, Path] = {}
+    for key in allowed:
+        if key in value:
+            path = _path(value, f"{where}.{key}", base_dir)
+            if not path.is_file():
+                raise ConfigurationError(f"{where}.{key}", f"file {path} does not exist")
+            paths[key] = path
+    return DestinationTLSConfig(
+        paths.get("ca_certificates"), paths.get("certificate"), paths.get("private_key")
+    )
+
+
+def _destinations(value: Any, base_dir: Path) -> tuple[DestinationConfig, ...]:
     if not isinstance(value, list):
         raise ConfigurationError("destinations", "must be an array of tables ([[destinations]])")
     result = []
@@ -440,8 +475,10 @@ def _destinations(value: Any) -> tuple[DestinationConfig, ...]:
         if not isinstance(item, Mapping):
             raise ConfigurationError(where, "must be a table")
         for key in item:
-            if key not in ("name", "ae_title", "host", "port"):
-                raise ConfigurationError(f"{where}.{key}", "unknown key; expected name, ae_title, host, port")
+            if key not in ("name", "ae_title", "host", "port", "tls"):
+                raise ConfigurationError(
+                    f"{where}.{key}", "unknown key; expected name, ae_title, host, port, tls"
+                )
         for key in ("name", "ae_title", "host", "port"):
             if key not in item:
                 raise ConfigurationError(f"{where}.{key}", "is required")
@@ -451,6 +488,7 @@ def _destinations(value: Any) -> tuple[DestinationConfig, ...]:
                 ae_title=_ae_title(item["ae_title"], f"{where}.ae_title"),
                 host=_str(item, f"{where}.host"),
                 port=_int(item, f"{where}.port", 1, 65535),
+                tls=_destination_tls(item.get("tls"), f"{where}.tls", base_dir),
             )
         )
     names = [d.name for d in result]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import enum
 import logging
 import random
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -39,7 +40,7 @@ from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.config import Config, DeliveryConfig, DestinationConfig
+from dicomnode.config import Config, DeliveryConfig, DestinationConfig, DestinationTLSConfig
 from dicomnode.db import DeliveryState, Outbox, utcnow
 from dicomnode.runtime import StopSignal
 
@@ -486,8 +487,13 @@ class Sender:
         ae.network_timeout = timeout
         ae.connection_timeout = timeout
         contexts = _requested_contexts(prepared)
+        tls_args = (client_ssl_context(destination.tls), destination.host) if destination.tls else None
         assoc = ae.associate(
-            destination.host, destination.port, contexts=contexts, ae_title=destination.ae_title
+            destination.host,
+            destination.port,
+            contexts=contexts,
+            ae_title=destination.ae_title,
+            tls_args=tls_args,
         )
         try:
             if not assoc.is_established:
@@ -678,6 +684,17 @@ def _association_lost_reason(assoc: Association, destination: DestinationConfig)
     if assoc.is_aborted:
         return f"association with {where} aborted before the object was sent"
     return f"association with {where} ended before the object was sent"
+
+
+def client_ssl_context(tls: DestinationTLSConfig) -> ssl.SSLContext:
+    """TLS 1.2+ towards a destination, verifying its certificate (and host name) against the CA."""
+    context = ssl.create_default_context(
+        ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_certificates) if tls.ca_certificates else None
+    )
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if tls.certificate is not None and tls.private_key is not None:
+        context.load_cert_chain(tls.certificate, tls.private_key)
+    return context
 
 
 def run_sender(config: Config, *, burst: bool = False) -> int:

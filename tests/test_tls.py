@@ -186,3 +186,54 @@ def test_dcmtk_storescu_stores_over_tls(pki: Path, tmp_path: Path) -> None:
     finally:
         running.stop()
         services.close()
+
+
+def test_results_reach_a_tls_destination(pki: Path, tmp_path: Path) -> None:
+    """The sender speaks TLS to a destination with [destinations.tls]: it verifies the peer against the
+    CA and presents the client certificate the peer requires; the result is stored there."""
+    from test_sender import add_result, make_sender, outbox
+
+    from dicomnode.config import DestinationConfig, DestinationTLSConfig
+    from dicomnode.db import DeliveryState
+
+    peer_config = make_config(
+        tmp_path / "peer",
+        node={
+            "ae_title": "PACS",
+            "tls": {
+                "certificate": str(pki / "server.crt"),
+                "private_key": str(pki / "server.key"),
+                "ca_certificates": str(pki / "ca.crt"),
+            },
+        },
+    )
+    peer_services = open_services(peer_config, upgrade=True)
+    peer = RunningListener(peer_services)
+    node_config = make_config(tmp_path / "node")
+    node_services = open_services(node_config, upgrade=True)
+    (node_config.storage.path / "results").mkdir(parents=True, exist_ok=True)
+    try:
+        tls = DestinationTLSConfig(pki / "ca.crt", pki / "client.crt", pki / "client.key")
+        secure = DestinationConfig(name="pacs", ae_title="PACS", host="127.0.0.1", port=peer.port, tls=tls)
+        row = add_result(node_services.sessions, node_config.storage.path, "CT_small.dcm")
+        assert make_sender(node_services.sessions, node_config.storage.path, secure).run_once() == 1
+        assert outbox(node_services.sessions, row).state == DeliveryState.DELIVERED
+        from dicomnode.db import Instance
+
+        with peer_services.sessions() as session:
+            assert session.query(Instance).count() == 1
+        # without our certificate the peer refuses us: retried, not delivered
+        anonymous = DestinationConfig(
+            name="pacs",
+            ae_title="PACS",
+            host="127.0.0.1",
+            port=peer.port,
+            tls=DestinationTLSConfig(pki / "ca.crt", None, None),
+        )
+        second = add_result(node_services.sessions, node_config.storage.path, "CT_small.dcm")
+        make_sender(node_services.sessions, node_config.storage.path, anonymous).run_once()
+        assert outbox(node_services.sessions, second).state == DeliveryState.PENDING
+    finally:
+        peer.stop()
+        peer_services.close()
+        node_services.close()
