@@ -131,6 +131,19 @@ class JobQueue:
             )
         return True
 
+    def newest_activity(self, margin_seconds: float = 3600.0) -> float | None:
+        """POSIX time an hour before the newest received instance or job change (None: nothing yet).
+
+        A write interrupted by a crash happened after that, so older folders need no cleaning.
+        """
+        with self.sessions() as session:
+            times = [
+                session.scalar(select(func.max(Instance.received_at))),
+                session.scalar(select(func.max(Job.updated_at))),
+            ]
+        known = [_aware(t) for t in times if t is not None]
+        return max(known).timestamp() - margin_seconds if known else None
+
     def drop_unflushed_instances(self, storage_root: Path, window_seconds: float = 60.0) -> int:
         """After an unclean stop, forget the newest rows whose file is missing or short (and delete
         such a file); return how many.

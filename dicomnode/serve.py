@@ -106,7 +106,7 @@ def listen(config: Config, port: int) -> int:
 def serve(config: Config, *, port_file: Path | None = None, ready: threading.Event | None = None) -> int:
     """Run the node until SIGTERM/SIGINT; return the exit code."""
     services = open_services(config, upgrade=True)
-    removed = remove_stale_temporaries(config.storage.path)
+    removed = remove_stale_temporaries(config.storage.path, changed_since=services.queue.newest_activity())
     if removed:
         logger.info("removed %d temporary files left by an interrupted write (never acknowledged)", removed)
     dropped = services.queue.drop_unflushed_instances(config.storage.path)

@@ -412,3 +412,22 @@ def test_fsync_flush_mode_stores_and_keeps_sqlite_full(tmp_path: Path) -> None:
     finally:
         running.stop()
         services.close()
+
+
+def test_stale_temporaries_are_removed_only_where_writes_happened_recently(tmp_path: Path) -> None:
+    """Start-up cleaning lists only recently modified folders; without a bound it cleans them all."""
+    import os
+
+    from dicomnode.store import remove_stale_temporaries
+
+    old = tmp_path / "instances" / "1.2" / "1.2.3"
+    new = tmp_path / "results" / "1.2" / "job-7" / "heatmaps"
+    for folder in (old, new):
+        folder.mkdir(parents=True)
+        (folder / ".x.dcm.1.2.tmp").write_bytes(b"partial")
+        (folder / "kept.dcm").write_bytes(b"complete")
+    os.utime(old, (1_000_000, 1_000_000))  # last written long ago
+    assert remove_stale_temporaries(tmp_path, changed_since=2_000_000) == 1
+    assert (old / ".x.dcm.1.2.tmp").exists() and not (new / ".x.dcm.1.2.tmp").exists()
+    assert remove_stale_temporaries(tmp_path) == 1
+    assert sorted(p.name for p in tmp_path.rglob("*.dcm")) == ["kept.dcm", "kept.dcm"]
