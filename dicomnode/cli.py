@@ -158,18 +158,9 @@ def cmd_echo(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_db(config: Config, args: argparse.Namespace) -> int:
     from dicomnode import migrate
-    from dicomnode.db import make_engine
-    from dicomnode.store import sqlite_synchronous_for
+    from dicomnode.services import database_engine
 
-    engine = make_engine(
-        config.storage.database_url,
-        synchronous=sqlite_synchronous_for(
-            config.storage.path,
-            config.storage.database_url,
-            config.storage.sqlite_synchronous,
-            config.storage.flush,
-        ),
-    )
+    engine = database_engine(config)
     try:
         if args.action == "upgrade":
             migrate.upgrade(engine, args.revision or "head")

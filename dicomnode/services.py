@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -35,10 +34,9 @@ class Services:
         self.engine.dispose()
 
 
-def open_services(config: Config, *, upgrade: bool = False, **_: Any) -> Services:
-    """Open the database (optionally migrating it to the newest schema) and the job queue."""
-    config.storage.path.mkdir(parents=True, exist_ok=True)
-    engine = make_engine(
+def database_engine(config: Config) -> Engine:
+    """The engine for the configured database, with the SQLite flush level the spool's mode needs."""
+    return make_engine(
         config.storage.database_url,
         synchronous=sqlite_synchronous_for(
             config.storage.path,
@@ -47,6 +45,12 @@ def open_services(config: Config, *, upgrade: bool = False, **_: Any) -> Service
             config.storage.flush,
         ),
     )
+
+
+def open_services(config: Config, *, upgrade: bool = False) -> Services:
+    """Open the database (optionally migrating it to the newest schema) and the job queue."""
+    config.storage.path.mkdir(parents=True, exist_ok=True)
+    engine = database_engine(config)
     if upgrade:
         migrate.upgrade(engine)
     sessions = make_sessionmaker(engine)
