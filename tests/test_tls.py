@@ -6,6 +6,7 @@ import shutil
 import ssl
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import RunningListener, make_config
@@ -81,6 +82,17 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+def server_tls(pki: Path) -> dict[str, Any]:
+    """[node] settings for a TLS listener that requires client certificates from the test CA."""
+    return {
+        "tls": {
+            "certificate": str(pki / "server.crt"),
+            "private_key": str(pki / "server.key"),
+            "ca_certificates": str(pki / "ca.crt"),
+        }
+    }
+
+
 def _client_context(pki: Path, *, with_certificate: bool) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(pki / "ca.crt"))
     if with_certificate:
@@ -107,13 +119,7 @@ def test_tls_listener_requires_a_certificate_signed_by_the_ca(pki: Path, tmp_pat
     certificate, or one speaking plain TCP, gets no association."""
     config = make_config(
         tmp_path,
-        node={
-            "tls": {
-                "certificate": str(pki / "server.crt"),
-                "private_key": str(pki / "server.key"),
-                "ca_certificates": str(pki / "ca.crt"),
-            }
-        },
+        node=server_tls(pki),
     )
     services = open_services(config, upgrade=True)
     running = RunningListener(services)
@@ -147,13 +153,7 @@ def test_dcmtk_storescu_stores_over_tls(pki: Path, tmp_path: Path) -> None:
 
     config = make_config(
         tmp_path,
-        node={
-            "tls": {
-                "certificate": str(pki / "server.crt"),
-                "private_key": str(pki / "server.key"),
-                "ca_certificates": str(pki / "ca.crt"),
-            }
-        },
+        node=server_tls(pki),
     )
     services = open_services(config, upgrade=True)
     running = RunningListener(services)
@@ -198,14 +198,7 @@ def test_results_reach_a_tls_destination(pki: Path, tmp_path: Path) -> None:
 
     peer_config = make_config(
         tmp_path / "peer",
-        node={
-            "ae_title": "PACS",
-            "tls": {
-                "certificate": str(pki / "server.crt"),
-                "private_key": str(pki / "server.key"),
-                "ca_certificates": str(pki / "ca.crt"),
-            },
-        },
+        node={"ae_title": "PACS", **server_tls(pki)},
     )
     peer_services = open_services(peer_config, upgrade=True)
     peer = RunningListener(peer_services)
