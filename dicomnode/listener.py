@@ -1,4 +1,4 @@
-"""The DICOM listener: Verification and Storage SCP (pynetdicom).
+"""The DICOM listener: Verification and Storage SCP on dicomnode's upper-layer acceptor.
 
 A C-STORE is answered Success only after the instance is durable on disk (see ``dicomnode.store``)
 and its row is committed (``dicomnode.queue``). Every other outcome gets a named failure status and
@@ -8,17 +8,17 @@ This module must not import torch (directly or through the models package).
 
 from __future__ import annotations
 
-import io
 import logging
-import socket
 import ssl
-import threading
+import struct
 import time
-from dataclasses import dataclass, field
-from typing import Any
+import zlib
+from typing import BinaryIO, cast
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.tag import BaseTag
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
@@ -37,14 +37,24 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, AllStoragePresentationContexts, StoragePresentationContexts, evt
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom import AllStoragePresentationContexts, StoragePresentationContexts
+from pynetdicom.presentation import PresentationContext
 
 from dicomnode.config import NodeConfig, TLSConfig
+from dicomnode.dimse import Command
 from dicomnode.errors import InvalidDatasetError, StorageFullError
 from dicomnode.queue import InstanceRecord, JobQueue, record_or_ignore
 from dicomnode.store import InstanceStore, validate_uid
+from dicomnode.upper_layer import (
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
+    VERIFICATION_SOP_CLASS,
+    AcceptorServer,
+    AcceptorSettings,
+    Association,
+    Response,
+    supported_context,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +87,10 @@ ACCEPTED_TRANSFER_SYNTAXES: tuple[str, ...] = (
     RLELossless,
 )
 
-_HEADER_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+# The header parse stops after Series Instance UID: every attribute the index needs comes before it.
+_LAST_HEADER_TAG = 0x0020000E
+_INFLATE_LIMIT = 4 * 1024 * 1024  # inflated bytes enough for the header of a deflated data set
+_PREAMBLE = bytes(128) + b"DICM"
 
 
 class _RefusedError(InvalidDatasetError):
@@ -88,101 +101,74 @@ class _RefusedError(InvalidDatasetError):
         self.status = status
 
 
-@dataclass
-class _AssociationStats:
-    started: float = field(default_factory=time.monotonic)
-    stored: int = 0
-    duplicates: int = 0
-    failed: int = 0
-    bytes: int = 0
-
-
 class StorageSCP:
-    """C-ECHO and C-STORE handlers with their dependencies injected."""
+    """Verification and Storage SCP: the service user the upper-layer acceptor calls.
+
+    Its dependencies (the spool and the queue) are injected; it is called from one thread per
+    association and keeps no per-association state of its own.
+    """
 
     def __init__(self, store: InstanceStore, queue: JobQueue) -> None:
         self.store = store
         self.queue = queue
-        self._stats: dict[int, _AssociationStats] = {}
-        self._stats_lock = threading.Lock()
 
-    # -- association bookkeeping (one summary line per association, UIDs and counts only) --
+    def check_association(self, association: Association) -> tuple[int, int, int] | None:
+        return None  # AE titles and limits are checked by the acceptor; the disk floor per C-STORE
 
-    def handle_accepted(self, event: evt.Event) -> None:
-        with self._stats_lock:
-            self._stats[id(event.assoc)] = _AssociationStats()
-        requestor = event.assoc.requestor
-        logger.info(
-            "association accepted from %s (%s:%s)", requestor.ae_title, requestor.address, requestor.port
-        )
-
-    def handle_closed(self, event: evt.Event) -> None:
-        with self._stats_lock:
-            stats = self._stats.pop(id(event.assoc), None)
-        if stats is None:
-            return
-        elapsed = time.monotonic() - stats.started
-        how = "aborted" if event.event is evt.EVT_ABORTED else "released"
+    def association_ended(self, association: Association, how: str) -> None:
+        stats = association.stats
         logger.info(
             "association %s from %s: %d stored, %d duplicates, %d failed, %.1f MB in %.2f s",
             how,
-            event.assoc.requestor.ae_title,
+            association.calling_ae_title,
             stats.stored,
             stats.duplicates,
             stats.failed,
             stats.bytes / 1e6,
-            elapsed,
+            time.monotonic() - stats.started,
         )
 
-    def _count(self, event: evt.Event, outcome: str, size: int = 0) -> None:
-        stats = self._stats.get(id(event.assoc))
-        if stats is not None:
-            setattr(stats, outcome, getattr(stats, outcome) + 1)
-            stats.bytes += size
+    def c_echo(self, association: Association, command: Command) -> Response:
+        return Response(STATUS_SUCCESS)
 
-    # -- DIMSE handlers --
-
-    def handle_echo(self, event: evt.Event) -> int:
-        return STATUS_SUCCESS
-
-    def handle_store(self, event: evt.Event) -> int:
+    def c_store(
+        self, association: Association, command: Command, transfer_syntax_uid: str, data: bytes
+    ) -> Response:
         """Store one instance durably, index it, and only then report success."""
-        request: Any = event.request
-        affected_sop_instance_uid = str(request.AffectedSOPInstanceUID or "")
+        stats = association.stats
         try:
-            data = event.encoded_dataset(include_meta=True)
-            header = _read_header(data)
-            record = self._record_from(header, event, data)
+            header = _read_header(data, transfer_syntax_uid)
+            record, meta = self._record_from(header, association, command, transfer_syntax_uid, len(data))
         except InvalidDatasetError as exc:
             status = getattr(exc, "status", STATUS_CANNOT_UNDERSTAND_MISSING_UID)
             logger.warning(
-                "C-STORE %s refused (0x%04X): %s", _safe_uid(affected_sop_instance_uid), status, exc
+                "C-STORE %s refused (0x%04X): %s", _safe_uid(command.affected_sop_instance_uid), status, exc
             )
-            self._count(event, "failed")
-            return status
+            stats.failed += 1
+            return Response(status, str(exc))
         except Exception as exc:  # unreadable bytes of any kind: refuse, keep serving
             logger.warning(
                 "C-STORE %s refused (0x%04X): dataset cannot be parsed: %s",
-                _safe_uid(affected_sop_instance_uid),
+                _safe_uid(command.affected_sop_instance_uid),
                 STATUS_CANNOT_UNDERSTAND,
                 type(exc).__name__,
             )
-            self._count(event, "failed")
-            return STATUS_CANNOT_UNDERSTAND
+            stats.failed += 1
+            return Response(STATUS_CANNOT_UNDERSTAND, "the data set cannot be parsed")
 
         try:
             # The final name appears only by rename after a complete write, so an existing file is an
             # instance received before (a resend): the first copy is kept. After a power loss, a
             # file whose data never reached the disk is removed at start (drop_unflushed_instances).
             if not self.store.absolute(record.path).exists():
-                self.store.write(record.path, data)
+                self.store.write(record.path, b"".join((_PREAMBLE, meta, data)))
             recorded = record_or_ignore(self.queue, record)
             # one flush makes file, folder entries and the WAL durable (shared with other associations)
             self.store.flush()
             if not recorded:
                 logger.debug("C-STORE %s already stored; acknowledged again", record.sop_instance_uid)
-                self._count(event, "duplicates")
-                return STATUS_SUCCESS
+                stats.duplicates += 1
+                return Response(STATUS_SUCCESS)
         except StorageFullError as exc:
             logger.error(
                 "C-STORE %s failed (0x%04X out of resources): %s",
@@ -190,8 +176,8 @@ class StorageSCP:
                 STATUS_OUT_OF_RESOURCES,
                 exc,
             )
-            self._count(event, "failed")
-            return STATUS_OUT_OF_RESOURCES
+            stats.failed += 1
+            return Response(STATUS_OUT_OF_RESOURCES, str(exc))
         except Exception as exc:  # the database or anything else below us: nothing acknowledged
             logger.error(
                 "C-STORE %s failed (0x%04X out of resources): cannot index instance: %s",
@@ -199,45 +185,101 @@ class StorageSCP:
                 STATUS_OUT_OF_RESOURCES,
                 type(exc).__name__,
             )
-            self._count(event, "failed")
-            return STATUS_OUT_OF_RESOURCES
-        self._count(event, "stored", len(data))
-        return STATUS_SUCCESS
+            stats.failed += 1
+            return Response(STATUS_OUT_OF_RESOURCES, "the instance cannot be indexed")
+        stats.stored += 1
+        stats.bytes += len(data)
+        return Response(STATUS_SUCCESS)
 
-    def _record_from(self, header: Dataset, event: evt.Event, data: bytes) -> InstanceRecord:
-        request: Any = event.request
+    def _record_from(
+        self,
+        header: Dataset,
+        association: Association,
+        command: Command,
+        transfer_syntax_uid: str,
+        data_set_size: int,
+    ) -> tuple[InstanceRecord, bytes]:
+        """The index row and the File Meta Information for a validated instance."""
         sop_instance_uid = validate_uid(header.get("SOPInstanceUID"), "SOPInstanceUID")
         sop_class_uid = validate_uid(header.get("SOPClassUID"), "SOPClassUID")
         study_instance_uid = validate_uid(header.get("StudyInstanceUID"), "StudyInstanceUID")
         series_instance_uid = validate_uid(header.get("SeriesInstanceUID"), "SeriesInstanceUID")
-        if sop_instance_uid != str(request.AffectedSOPInstanceUID).strip():
+        if sop_instance_uid != command.affected_sop_instance_uid:
             raise _RefusedError(
                 STATUS_CANNOT_UNDERSTAND_UID_MISMATCH,
                 "SOPInstanceUID of the dataset does not match the C-STORE request",
             )
-        if sop_class_uid != str(request.AffectedSOPClassUID).strip():
+        if sop_class_uid != command.affected_sop_class_uid:
             raise _RefusedError(
                 STATUS_DATASET_DOES_NOT_MATCH_SOP_CLASS,
                 "SOPClassUID of the dataset does not match the C-STORE request",
             )
-        return InstanceRecord(
+        meta = file_meta_information(
+            sop_class_uid, sop_instance_uid, transfer_syntax_uid, association.calling_ae_title
+        )
+        record = InstanceRecord(
             sop_instance_uid=sop_instance_uid,
             sop_class_uid=sop_class_uid,
             study_instance_uid=study_instance_uid,
             series_instance_uid=series_instance_uid,
-            transfer_syntax_uid=str(event.context.transfer_syntax),
+            transfer_syntax_uid=transfer_syntax_uid,
             path=self.store.relative_path(study_instance_uid, series_instance_uid, sop_instance_uid),
-            size_bytes=len(data),
+            size_bytes=len(_PREAMBLE) + len(meta) + data_set_size,  # the file's size
             patient_id=_text(header, "PatientID", 64),
             study_date=_text(header, "StudyDate", 8),
             modality=_text(header, "Modality", 16),
-            calling_ae_title=str(event.assoc.requestor.ae_title).strip()[:16] or None,
+            calling_ae_title=association.calling_ae_title[:16] or None,
         )
+        return record, meta
 
 
-def _read_header(data: bytes) -> Dataset:
-    """Parse everything but the pixel data; an empty or garbage dataset has no UIDs and fails later."""
-    return dcmread(io.BytesIO(data), stop_before_pixels=True)
+def _stop_after_header(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return tag > _LAST_HEADER_TAG
+
+
+def _read_header(data: bytes, transfer_syntax_uid: str) -> Dataset:
+    """Parse the data set's leading attributes, up to Series Instance UID, in its transfer syntax.
+
+    An empty or garbage data set parses "successfully" into something without UIDs, which the
+    caller then refuses. Pixel data and everything after the identifying attributes is not read.
+    """
+    if transfer_syntax_uid == DeflatedExplicitVRLittleEndian:
+        data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(data, _INFLATE_LIMIT)
+    implicit = transfer_syntax_uid == ImplicitVRLittleEndian
+    little = transfer_syntax_uid != ExplicitVRBigEndian
+    fp = DicomBytesIO(data)
+    fp.is_little_endian = little
+    fp.is_implicit_VR = implicit
+    return read_dataset(cast(BinaryIO, fp), implicit, little, stop_when=_stop_after_header)
+
+
+def file_meta_information(
+    sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae_title: str
+) -> bytes:
+    """The File Meta Information group (PS3.10 7.1), explicit VR little endian, for a received instance."""
+
+    def element(tag_element: int, vr: bytes, value: bytes) -> bytes:
+        if vr == b"OB":
+            return struct.pack("<HH2sHL", 0x0002, tag_element, vr, 0, len(value)) + value
+        return struct.pack("<HH2sH", 0x0002, tag_element, vr, len(value)) + value
+
+    def padded(text: str, pad: bytes) -> bytes:
+        raw = text.encode("ascii")
+        return raw + pad * (len(raw) % 2)
+
+    elements = [
+        element(0x0001, b"OB", b"\x00\x01"),
+        element(0x0002, b"UI", padded(sop_class_uid, b"\x00")),
+        element(0x0003, b"UI", padded(sop_instance_uid, b"\x00")),
+        element(0x0010, b"UI", padded(transfer_syntax_uid, b"\x00")),
+        element(0x0012, b"UI", padded(IMPLEMENTATION_CLASS_UID, b"\x00")),
+        element(0x0013, b"SH", padded(IMPLEMENTATION_VERSION_NAME, b" ")),
+    ]
+    source = source_ae_title.strip()
+    if source and source.isascii() and "\\" not in source:
+        elements.append(element(0x0016, b"AE", padded(source[:16], b" ")))
+    group = b"".join(elements)
+    return element(0x0000, b"UL", struct.pack("<L", len(group))) + group
 
 
 def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
@@ -265,30 +307,22 @@ def storage_sop_classes() -> list[str]:
     return sorted(uids)
 
 
-def build_ae(node: NodeConfig) -> AE:
-    """An application entity with the node's identity, limits and presentation contexts."""
-    ae = AE(ae_title=node.ae_title)
-    ae.maximum_associations = node.max_associations
-    ae.maximum_pdu_size = node.max_pdu_size
-    ae.require_called_aet = True
-    ae.require_calling_aet = list(node.allowed_calling_ae_titles)
-    ae.add_supported_context(Verification)
-    for sop_class_uid in storage_sop_classes():
-        ae.add_supported_context(sop_class_uid, list(ACCEPTED_TRANSFER_SYNTAXES))
-    return ae
+def supported_contexts() -> list[PresentationContext]:
+    """Verification plus every storage SOP class, each with every accepted transfer syntax."""
+    contexts = [supported_context(VERIFICATION_SOP_CLASS, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])]
+    contexts += [supported_context(uid, ACCEPTED_TRANSFER_SYNTAXES) for uid in storage_sop_classes()]
+    return contexts
 
 
-class SharedPortServer(ThreadedAssociationServer):
-    """An association server whose port other listener processes may bind too (SO_REUSEPORT).
-
-    The kernel spreads new associations over the processes, so parallel associations are not
-    limited by one interpreter's GIL.
-    """
-
-    def server_bind(self) -> None:
-        assert self.socket is not None
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+def acceptor_settings(node: NodeConfig, *, processes: int = 1) -> AcceptorSettings:
+    """The acceptor's identity and limits; ``max_associations`` is shared among ``processes``."""
+    return AcceptorSettings(
+        ae_title=node.ae_title,
+        supported_contexts=supported_contexts(),
+        allowed_calling_ae_titles=tuple(node.allowed_calling_ae_titles),
+        max_associations=max(1, -(-node.max_associations // max(1, processes))),
+        max_pdu_size=node.max_pdu_size,
+    )
 
 
 def server_ssl_context(tls: TLSConfig) -> ssl.SSLContext:
@@ -310,35 +344,23 @@ def start_listener(
     *,
     port: int | None = None,
     shared_port: bool = False,
-) -> tuple[ThreadedAssociationServer, StorageSCP]:
+) -> tuple[AcceptorServer, StorageSCP]:
     """Start the SCP in background threads; the returned server's ``server_address`` has the real port.
 
     With ``shared_port`` other processes can listen on the same port (``node.listener_processes``);
     each then allows ``max_associations`` divided among the processes.
     """
     scp = StorageSCP(store, queue)
-    ae = build_ae(node)
-    if shared_port and node.listener_processes > 1:
-        ae.maximum_associations = max(1, -(-node.max_associations // node.listener_processes))
-    handlers: list[Any] = [
-        (evt.EVT_C_ECHO, scp.handle_echo),
-        (evt.EVT_C_STORE, scp.handle_store),
-        (evt.EVT_ACCEPTED, scp.handle_accepted),
-        (evt.EVT_RELEASED, scp.handle_closed),
-        (evt.EVT_ABORTED, scp.handle_closed),
-    ]
-    address = (node.host, node.port if port is None else port)
+    processes = node.listener_processes if shared_port else 1
     ssl_context = server_ssl_context(node.tls) if node.tls is not None else None
-    if shared_port:
-        server = ae.make_server(
-            address, evt_handlers=handlers, server_class=SharedPortServer, ssl_context=ssl_context
-        )
-        threading.Thread(target=server.serve_forever, name="listener", daemon=True).start()
-        ae._servers.append(server)  # as AE.start_server does; server.shutdown() removes it again
-    else:
-        started = ae.start_server(address, block=False, evt_handlers=handlers, ssl_context=ssl_context)
-        assert started is not None
-        server = started
+    server = AcceptorServer(
+        (node.host, node.port if port is None else port),
+        acceptor_settings(node, processes=processes),
+        scp,
+        ssl_context=ssl_context,
+        reuse_port=shared_port,
+    )
+    server.start()
     logger.info(
         "listening as %s on %s:%d%s",
         node.ae_title,
@@ -348,19 +370,12 @@ def start_listener(
     return server, scp
 
 
-def stop_listener(server: ThreadedAssociationServer, *, grace_seconds: float = 30.0) -> int:
+def stop_listener(server: AcceptorServer, *, grace_seconds: float = 30.0) -> int:
     """Stop accepting and let in-flight associations finish (up to ``grace_seconds``).
 
     Returns how many were still open and had to be aborted.
     """
-    server.shutdown()
-    deadline = time.monotonic() + grace_seconds
-    while server.active_associations and time.monotonic() < deadline:
-        time.sleep(0.05)
-    remaining = server.active_associations
-    for assoc in remaining:
-        assoc.abort()
-    return len(remaining)
+    return server.shutdown(grace_seconds)
 
 
 __all__ = [
@@ -372,7 +387,8 @@ __all__ = [
     "STATUS_OUT_OF_RESOURCES",
     "STATUS_SUCCESS",
     "StorageSCP",
-    "build_ae",
+    "file_meta_information",
     "start_listener",
     "stop_listener",
+    "supported_contexts",
 ]

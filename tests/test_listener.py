@@ -90,6 +90,8 @@ def test_store_keeps_received_bytes_and_indexes(listener: RunningListener, tmp_p
     assert again.SOPInstanceUID == original.SOPInstanceUID
     assert again.PixelData == original.PixelData
     assert row.transfer_syntax_uid == original.file_meta.TransferSyntaxUID
+    assert row.size_bytes == stored.stat().st_size  # start-up recovery compares the two
+    assert again.file_meta.SourceApplicationEntityTitle == "TESTSCU"
     assert (
         row.path == f"instances/{original.StudyInstanceUID}/{original.SeriesInstanceUID}/"
         f"{original.SOPInstanceUID}.dcm"
@@ -387,11 +389,9 @@ def test_database_failure_answers_out_of_resources(listener: RunningListener) ->
 
 def test_storage_contexts_cover_every_storage_class() -> None:
     """The SCP offers every storage SOP class pynetdicom knows."""
-    from dicomnode.config import config_from_mapping
-    from dicomnode.listener import build_ae
+    from dicomnode.listener import supported_contexts
 
-    ae = build_ae(config_from_mapping({}, base_dir=Path.cwd()).node)
-    offered = {c.abstract_syntax for c in ae.supported_contexts}
+    offered = {c.abstract_syntax for c in supported_contexts()}
     assert {c.abstract_syntax for c in StoragePresentationContexts} <= offered
 
 
