@@ -18,13 +18,25 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, delete, func, insert, select, update
+from sqlalchemy import and_, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db import Instance, Job, JobState, Study, utcnow
 
 logger = logging.getLogger(__name__)
+
+
+# Statements of the receive path, built once (SQLite 3.35+ and PostgreSQL both support RETURNING).
+_INSTANCE_EXISTS = select(Instance.id).where(Instance.sop_instance_uid == bindparam("sop_instance_uid"))
+_TOUCH_STUDY = (
+    update(Study)
+    .where(Study.study_instance_uid == bindparam("match_study_instance_uid"))
+    .values(last_received_at=bindparam("now"))
+    .returning(Study.id)
+)
+_INSERT_STUDY = insert(Study).returning(Study.id)
+_INSERT_INSTANCE = insert(Instance)
 
 
 @dataclass(frozen=True)
@@ -86,48 +98,43 @@ class JobQueue:
     def record_instance(self, record: InstanceRecord) -> bool:
         """Index a stored instance; return False when it was already indexed (a resend).
 
-        SQLAlchemy Core statements on the session's connection: no ORM unit of work per instance.
+        Three prebuilt Core statements with bound parameters on the session's connection (no ORM
+        unit of work, no statement building per instance): this runs once per C-STORE, before the
+        acknowledgement, so its cost is on every sender's critical path.
         """
         now = utcnow()
         with self._write_lock, self.sessions.begin() as session:
             connection = session.connection()
-            if (
-                connection.scalar(
-                    select(Instance.id).where(Instance.sop_instance_uid == record.sop_instance_uid)
-                )
-                is not None
-            ):
+            if connection.scalar(_INSTANCE_EXISTS, {"sop_instance_uid": record.sop_instance_uid}) is not None:
                 return False
             study_id = connection.scalar(
-                select(Study.id).where(Study.study_instance_uid == record.study_instance_uid)
+                _TOUCH_STUDY, {"match_study_instance_uid": record.study_instance_uid, "now": now}
             )
             if study_id is None:
-                inserted = connection.execute(
-                    insert(Study).values(
-                        study_instance_uid=record.study_instance_uid,
-                        patient_id=record.patient_id,
-                        study_date=record.study_date,
-                        first_received_at=now,
-                        last_received_at=now,
-                    )
-                ).inserted_primary_key
-                assert inserted is not None
-                study_id = inserted[0]
-            else:
-                connection.execute(update(Study).where(Study.id == study_id).values(last_received_at=now))
-            connection.execute(
-                insert(Instance).values(
-                    sop_instance_uid=record.sop_instance_uid,
-                    sop_class_uid=record.sop_class_uid,
-                    study_id=study_id,
-                    series_instance_uid=record.series_instance_uid,
-                    transfer_syntax_uid=record.transfer_syntax_uid,
-                    modality=record.modality,
-                    path=record.path,
-                    size_bytes=record.size_bytes,
-                    calling_ae_title=record.calling_ae_title,
-                    received_at=now,
+                study_id = connection.scalar(
+                    _INSERT_STUDY,
+                    {
+                        "study_instance_uid": record.study_instance_uid,
+                        "patient_id": record.patient_id,
+                        "study_date": record.study_date,
+                        "first_received_at": now,
+                        "last_received_at": now,
+                    },
                 )
+            connection.execute(
+                _INSERT_INSTANCE,
+                {
+                    "sop_instance_uid": record.sop_instance_uid,
+                    "sop_class_uid": record.sop_class_uid,
+                    "study_id": study_id,
+                    "series_instance_uid": record.series_instance_uid,
+                    "transfer_syntax_uid": record.transfer_syntax_uid,
+                    "modality": record.modality,
+                    "path": record.path,
+                    "size_bytes": record.size_bytes,
+                    "calling_ae_title": record.calling_ae_title,
+                    "received_at": now,
+                },
             )
         return True
 
