@@ -44,7 +44,7 @@ from dicomnode.config import NodeConfig, TLSConfig
 from dicomnode.dimse import Command
 from dicomnode.errors import InvalidDatasetError, StorageFullError
 from dicomnode.queue import InstanceRecord, JobQueue, record_or_ignore
-from dicomnode.store import InstanceStore, validate_uid
+from dicomnode.store import InstanceStore, buffers_size, validate_uid
 from dicomnode.upper_layer import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
@@ -90,6 +90,8 @@ ACCEPTED_TRANSFER_SYNTAXES: tuple[str, ...] = (
 # The header parse stops after Series Instance UID: every attribute the index needs comes before it.
 _LAST_HEADER_TAG = 0x0020000E
 _INFLATE_LIMIT = 4 * 1024 * 1024  # inflated bytes enough for the header of a deflated data set
+_HEADER_PREFIX = 256 * 1024  # bytes joined for the header parse before trying the whole data set
+_HEADER_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 _PREAMBLE = bytes(128) + b"DICM"
 
 
@@ -132,13 +134,14 @@ class StorageSCP:
         return Response(STATUS_SUCCESS)
 
     def c_store(
-        self, association: Association, command: Command, transfer_syntax_uid: str, data: bytes
+        self, association: Association, command: Command, transfer_syntax_uid: str, data: list[memoryview]
     ) -> Response:
         """Store one instance durably, index it, and only then report success."""
         stats = association.stats
+        size = buffers_size(data)
         try:
             header = _read_header(data, transfer_syntax_uid)
-            record, meta = self._record_from(header, association, command, transfer_syntax_uid, len(data))
+            record, meta = self._record_from(header, association, command, transfer_syntax_uid, size)
         except InvalidDatasetError as exc:
             status = getattr(exc, "status", STATUS_CANNOT_UNDERSTAND_MISSING_UID)
             logger.warning(
@@ -161,7 +164,7 @@ class StorageSCP:
             # instance received before (a resend): the first copy is kept. After a power loss, a
             # file whose data never reached the disk is removed at start (drop_unflushed_instances).
             if not self.store.absolute(record.path).exists():
-                self.store.write(record.path, b"".join((_PREAMBLE, meta, data)))
+                self.store.write(record.path, [_PREAMBLE, meta, *data])
             recorded = record_or_ignore(self.queue, record)
             # one flush makes file, folder entries and the WAL durable (shared with other associations)
             self.store.flush()
@@ -188,7 +191,7 @@ class StorageSCP:
             stats.failed += 1
             return Response(STATUS_OUT_OF_RESOURCES, "the instance cannot be indexed")
         stats.stored += 1
-        stats.bytes += len(data)
+        stats.bytes += size
         return Response(STATUS_SUCCESS)
 
     def _record_from(
@@ -237,12 +240,30 @@ def _stop_after_header(tag: BaseTag, vr: str | None, length: int) -> bool:
     return tag > _LAST_HEADER_TAG
 
 
-def _read_header(data: bytes, transfer_syntax_uid: str) -> Dataset:
+def _read_header(fragments: list[memoryview], transfer_syntax_uid: str) -> Dataset:
     """Parse the data set's leading attributes, up to Series Instance UID, in its transfer syntax.
 
-    An empty or garbage data set parses "successfully" into something without UIDs, which the
-    caller then refuses. Pixel data and everything after the identifying attributes is not read.
+    Only the first fragments are joined for it (the identifying attributes come first); when they
+    were not enough, the whole data set is. An empty or garbage data set parses "successfully"
+    into something without UIDs, which the caller then refuses. Pixel data is never read.
     """
+    prefix = bytearray()
+    for fragment in fragments:
+        prefix += fragment
+        if len(prefix) >= _HEADER_PREFIX:
+            break
+    if len(prefix) == buffers_size(fragments):
+        return _parse_header(bytes(prefix), transfer_syntax_uid)
+    try:
+        header = _parse_header(bytes(prefix), transfer_syntax_uid)
+        if all(keyword in header for keyword in _HEADER_KEYWORDS):
+            return header
+    except Exception:  # the prefix ended inside an element: parse the whole data set below
+        pass
+    return _parse_header(b"".join(fragments), transfer_syntax_uid)
+
+
+def _parse_header(data: bytes, transfer_syntax_uid: str) -> Dataset:
     if transfer_syntax_uid == DeflatedExplicitVRLittleEndian:
         data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(data, _INFLATE_LIMIT)
     implicit = transfer_syntax_uid == ImplicitVRLittleEndian

@@ -16,7 +16,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,11 @@ from typing import Any
 from dicomnode.errors import InvalidDatasetError, StorageFullError
 
 logger = logging.getLogger(__name__)
+
+# What a write takes: one buffer, or several written back to back (the fragments of a received data
+# set go to disk with writev, never joined into one more copy in memory).
+Buffers = bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview]
+_IOV_MAX = 1024
 
 # PS3.5 9.1: digits and dots, components without leading zeros, at most 64 characters. Real devices
 # emit leading zeros now and then; they are harmless in a path, so only the shape is enforced.
@@ -58,7 +63,7 @@ class InstanceStore:
         root: Path,
         *,
         min_free_bytes: int = 0,
-        writer: Callable[[Path, bytes], None] | None = None,
+        writer: Callable[[Path, Buffers], None] | None = None,
         flush_mode: str = "syncfs",
     ) -> None:
         self.root = root
@@ -98,8 +103,9 @@ class InstanceStore:
                 self._free_checked_at = now
             return self._free_ok
 
-    def write(self, relative_path: str, data: bytes) -> StoredFile:
-        """Write ``data`` durably to ``relative_path``; raise StorageFullError on any OS failure."""
+    def write(self, relative_path: str, data: Buffers) -> StoredFile:
+        """Write ``data`` (one buffer or several in order) to ``relative_path``; durable after
+        :meth:`flush`. Raise StorageFullError on any OS failure."""
         target = self.root / relative_path
         if not self.has_free_space():
             raise StorageFullError("free disk space is below storage floor (node.min_free_disk_mb)")
@@ -109,7 +115,7 @@ class InstanceStore:
         except OSError as exc:
             reason = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else f"OS error {exc.errno}"
             raise StorageFullError(f"cannot write instance file: {reason}") from exc
-        return StoredFile(relative_path=relative_path, size_bytes=len(data))
+        return StoredFile(relative_path=relative_path, size_bytes=buffers_size(data))
 
     def _ensure_dir(self, directory: Path) -> None:
         if directory in self._known_dirs:
@@ -232,18 +238,40 @@ class FilesystemSync:
                 self._cond.notify_all()
 
 
-def fast_write(target: Path, data: bytes) -> None:
+def buffers_size(data: Buffers) -> int:
+    """Total length in bytes of one buffer or a sequence of them."""
+    if isinstance(data, bytes | bytearray | memoryview):
+        return memoryview(data).nbytes
+    return sum(memoryview(part).nbytes for part in data)
+
+
+def _write_all(fd: int, data: Buffers) -> None:
+    """Write every byte of ``data`` to ``fd``: one ``write`` per buffer, or ``writev`` for several."""
+    if isinstance(data, bytes | bytearray | memoryview):
+        parts = [memoryview(data)]
+    else:
+        parts = [memoryview(part) for part in data if len(part)]
+    while parts:
+        written = os.writev(fd, parts[:_IOV_MAX]) if len(parts) > 1 else os.write(fd, parts[0])
+        while parts and written >= parts[0].nbytes:  # drop what was written, keep the rest
+            written -= parts[0].nbytes
+            parts.pop(0)
+        if written:
+            parts[0] = parts[0][written:]
+
+
+def fast_write(target: Path, data: Buffers) -> None:
     """Temp file, write, rename: durability comes from the FilesystemSync flush that follows."""
     _atomic_write(target, data, flush=False)
 
 
-def durable_write(target: Path, data: bytes) -> None:
+def durable_write(target: Path, data: Buffers) -> None:
     """Atomically replace ``target`` with ``data``: temp file, fsync, rename, fsync folder."""
     _atomic_write(target, data, flush=True)
     fsync_dir(target.parent)
 
 
-def _atomic_write(target: Path, data: bytes, *, flush: bool) -> None:
+def _atomic_write(target: Path, data: Buffers, *, flush: bool) -> None:
     """Write a temporary file beside ``target`` (fsynced when ``flush``) and rename it over ``target``.
 
     On failure the temporary file is removed, so no partial file is ever left under any name.
@@ -252,10 +280,7 @@ def _atomic_write(target: Path, data: bytes, *, flush: bool) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
     try:
         try:
-            view = memoryview(data)
-            while view:
-                written = os.write(fd, view)
-                view = view[written:]
+            _write_all(fd, data)
             if flush:
                 os.fsync(fd)
         finally:
@@ -280,10 +305,10 @@ def remove_stale_temporaries(root: Path, *, changed_since: float | None = None) 
     """Delete temporary files left by a crash mid-write (never acknowledged); return how many.
 
     Temporaries live beside their target, in ``instances/STUDY/SERIES`` and ``results/STUDY/job-N``
-    (and its ``heatmaps``). Only folders modified at or after ``changed_since`` (a POSIX time) are
+    (and its ``heatmaps``), and in the storage folder itself (``serve.json``). Only folders modified at or after ``changed_since`` (a POSIX time) are
     listed, so a start after a crash does not read every file of a large archive.
     """
-    count = 0
+    count = _remove_temporaries_in(root, None)  # the runtime state file's (serve.json)
     for top in ("instances", "results"):
         for study in _subfolders(root / top):
             for leaf in _subfolders(study):

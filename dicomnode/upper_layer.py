@@ -145,8 +145,9 @@ class ServiceUser(Protocol):
     def c_echo(self, association: Association, command: Command) -> Response: ...
 
     def c_store(
-        self, association: Association, command: Command, transfer_syntax_uid: str, data: bytes
-    ) -> Response: ...
+        self, association: Association, command: Command, transfer_syntax_uid: str, data: list[memoryview]
+    ) -> Response:
+        """Handle a C-STORE; ``data`` is the data set as received, in its fragments (not joined)."""
 
     def association_ended(self, association: Association, how: str) -> None: ...
 
@@ -493,7 +494,7 @@ class _Connection:
                 raise AbortAssociationError(f"unexpected PDU type 0x{pdu_type:02X}", ABORT_UNEXPECTED_PDU)
 
     def _dispatch(
-        self, association: Association, context_id: int, command: Command, data: bytes | None
+        self, association: Association, context_id: int, command: Command, data: list[memoryview] | None
     ) -> None:
         abstract_syntax, transfer_syntax = association.contexts[context_id]
         service_user = self.server.service_user
@@ -529,8 +530,8 @@ class _MessageAssembly:
 
     def add(
         self, context_id: int, control: int, fragment: memoryview
-    ) -> tuple[int, Command, bytes | None] | None:
-        """Add a fragment; return (context ID, command, data set bytes or None) once complete."""
+    ) -> tuple[int, Command, list[memoryview] | None] | None:
+        """Add a fragment; return (context ID, command, data set fragments or None) once complete."""
         if self.context_id is None:
             self.context_id = context_id
         elif context_id != self.context_id:
@@ -562,7 +563,7 @@ class _MessageAssembly:
         self.data_parts.append(fragment)
         if not is_last:
             return None
-        return context_id, self.command, b"".join(self.data_parts)
+        return context_id, self.command, self.data_parts
 
 
 def _pdv_items(body: bytearray) -> list[tuple[int, int, memoryview]]:

@@ -427,7 +427,8 @@ def test_stale_temporaries_are_removed_only_where_writes_happened_recently(tmp_p
         (folder / ".x.dcm.1.2.tmp").write_bytes(b"partial")
         (folder / "kept.dcm").write_bytes(b"complete")
     os.utime(old, (1_000_000, 1_000_000))  # last written long ago
-    assert remove_stale_temporaries(tmp_path, changed_since=2_000_000) == 1
+    (tmp_path / ".serve.json.12.34.tmp").write_bytes(b"{")  # serve killed while writing its state
+    assert remove_stale_temporaries(tmp_path, changed_since=2_000_000) == 2
     assert (old / ".x.dcm.1.2.tmp").exists() and not (new / ".x.dcm.1.2.tmp").exists()
     assert remove_stale_temporaries(tmp_path) == 1
     assert sorted(p.name for p in tmp_path.rglob("*.dcm")) == ["kept.dcm", "kept.dcm"]
