@@ -116,9 +116,9 @@ def serve(config: Config, *, port_file: Path | None = None, ready: threading.Eve
     shared = config.node.listener_processes > 1
     server, _scp = start_listener(config.node, store, services.queue, shared_port=shared)
     host, port = server.server_address[:2]
-    if port_file is not None:
-        durable_write(port_file, f"{port}\n".encode())  # atomic: readers never see a partial file
     write_runtime_state(config, host, port)
+    if port_file is not None:  # last: it tells a supervisor or a test that the node is ready
+        durable_write(port_file, f"{port}\n".encode())  # atomic: readers never see a partial file
     children = [
         Child(f"worker-{i + 1}", child_argv(config, "worker")) for i in range(config.worker.processes)
     ]
