@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 # set go to disk with writev, never joined into one more copy in memory).
 Buffers = bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview]
 _IOV_MAX = 1024
+_WRITE_CHUNK = 256 * 1024
 
 # PS3.5 9.1: digits and dots, components without leading zeros, at most 64 characters. Real devices
 # emit leading zeros now and then; they are harmless in a path, so only the shape is enforced.
@@ -246,13 +247,33 @@ def buffers_size(data: Buffers) -> int:
 
 
 def _write_all(fd: int, data: Buffers) -> None:
-    """Write every byte of ``data`` to ``fd``: one ``write`` per buffer, or ``writev`` for several."""
+    """Write every byte of ``data`` to ``fd`` in system calls of at most ``_WRITE_CHUNK`` bytes.
+
+    One 8 MB ``write``/``writev`` into a new file measured 10-30 ms on ext4 here, the same bytes in
+    256 KiB calls 2.5 ms; small buffers (preamble, meta) share a call with the data after them.
+    """
     if isinstance(data, bytes | bytearray | memoryview):
-        parts = [memoryview(data)]
+        views = [memoryview(data)]
     else:
-        parts = [memoryview(part) for part in data if len(part)]
+        views = [memoryview(part) for part in data]
+    batch: list[memoryview] = []
+    room = _WRITE_CHUNK
+    for view in views:
+        while view.nbytes:
+            piece = view[:room]
+            batch.append(piece)
+            room -= piece.nbytes
+            view = view[piece.nbytes :]
+            if room == 0 or len(batch) == _IOV_MAX:
+                _writev_fully(fd, batch)
+                batch, room = [], _WRITE_CHUNK
+    if batch:
+        _writev_fully(fd, batch)
+
+
+def _writev_fully(fd: int, parts: list[memoryview]) -> None:
     while parts:
-        written = os.writev(fd, parts[:_IOV_MAX]) if len(parts) > 1 else os.write(fd, parts[0])
+        written = os.writev(fd, parts)
         while parts and written >= parts[0].nbytes:  # drop what was written, keep the rest
             written -= parts[0].nbytes
             parts.pop(0)
@@ -305,8 +326,9 @@ def remove_stale_temporaries(root: Path, *, changed_since: float | None = None) 
     """Delete temporary files left by a crash mid-write (never acknowledged); return how many.
 
     Temporaries live beside their target, in ``instances/STUDY/SERIES`` and ``results/STUDY/job-N``
-    (and its ``heatmaps``), and in the storage folder itself (``serve.json``). Only folders modified at or after ``changed_since`` (a POSIX time) are
-    listed, so a start after a crash does not read every file of a large archive.
+    (and its ``heatmaps``), and in the storage folder itself (``serve.json``). Only folders modified
+    at or after ``changed_since`` (a POSIX time) are listed, so a start after a crash does not read
+    every file of a large archive.
     """
     count = _remove_temporaries_in(root, None)  # the runtime state file's (serve.json)
     for top in ("instances", "results"):
