@@ -88,6 +88,7 @@ ABORT_INVALID_PDU_PARAMETER = 0x06
 
 _PDU_HEADER = struct.Struct(">BxL")
 _PDV_HEADER = struct.Struct(">LBB")
+_MAX_NEGOTIATION_PDU = 1024 * 1024  # an A-ASSOCIATE-RQ is a few KiB even with every SOP class
 _MAX_PDU_FLOOR = 64 * 1024 * 1024  # largest PDU read, whatever we advertised (a sloppy peer may exceed it)
 
 
@@ -331,8 +332,13 @@ class _Connection:
         pdu_type, length = _PDU_HEADER.unpack(self._header)
         if pdu_type not in (1, 2, 3, 4, 5, 6, 7):
             raise AbortAssociationError(f"unrecognised PDU type 0x{pdu_type:02X}", ABORT_UNRECOGNIZED_PDU)
-        limit = max(self.server.settings.max_pdu_size * 4, _MAX_PDU_FLOOR)
-        if self.server.settings.max_pdu_size and length > limit:
+        if self.association is None:  # before negotiation only small PDUs are legitimate
+            limit = _MAX_NEGOTIATION_PDU
+        elif self.server.settings.max_pdu_size:
+            limit = max(self.server.settings.max_pdu_size * 4, _MAX_PDU_FLOOR)
+        else:
+            limit = 0xFFFFFFFF  # "unlimited" was offered
+        if length > limit:
             raise AbortAssociationError(
                 f"PDU of {length} bytes exceeds the limit", ABORT_INVALID_PDU_PARAMETER
             )

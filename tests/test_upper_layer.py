@@ -133,6 +133,15 @@ def test_unrecognised_pdu_type_is_aborted_and_the_listener_survives(
     assert_listener_alive(listener)
 
 
+def test_oversized_pdu_before_association_is_aborted_without_reading_it(
+    raw: socket.socket, listener: RunningListener
+) -> None:
+    raw.sendall(struct.pack(">BxL", 0x01, 0x7FFFFFFF))  # an A-ASSOCIATE-RQ "of 2 GiB"
+    pdu_type, body = read_pdu(raw)
+    assert pdu_type == 0x07 and body[2:] == b"\x02\x06"  # invalid PDU parameter value
+    assert_listener_alive(listener)
+
+
 def test_unknown_operation_gets_unrecognized_operation_status(
     raw: socket.socket, listener: RunningListener
 ) -> None:
