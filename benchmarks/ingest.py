@@ -469,6 +469,34 @@ def check_targets(rows: list[Measurement]) -> list[dict[str, Any]]:
     return targets
 
 
+def flush_floor(workload: Workload, directory: Path, count: int = 100) -> float:
+    """Seconds per instance that durability alone costs on this disk, serially: write a new file of
+    the workload's mean size, fdatasync it, fsync its folder. No network, no parsing, no index.
+
+    Any receiver that answers Success only for data on disk pays at least this per instance on one
+    association; storescp does not pay it at all.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    payload = os.urandom(workload.total_bytes // workload.count)
+    folder = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    started = time.perf_counter()
+    try:
+        for index in range(count):
+            fd = os.open(directory / f"{index}.dcm", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                view = memoryview(payload)
+                while view:
+                    view = view[os.write(fd, view[: 256 * 1024]) :]
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            os.fsync(folder)
+    finally:
+        os.close(folder)
+        shutil.rmtree(directory, ignore_errors=True)
+    return (time.perf_counter() - started) / count
+
+
 def median_measurement(samples: list[Measurement]) -> Measurement:
     seconds = statistics.median(s.seconds for s in samples)
     first = samples[0]
@@ -522,6 +550,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ct_count, dx_count = (100, 10) if args.quick else (500, 50)
 
     rows: list[Measurement] = []
+    floors: dict[str, float] = {}
     root = Path(tempfile.mkdtemp(prefix="dicomnode-ingest-", dir=args.workdir))
     try:
         workloads = [
@@ -543,16 +572,31 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"({m.received}/{m.instances} verified)",
                         flush=True,
                     )
+        floors = {w.name: flush_floor(w, root / "floor") for w in workloads}  # same disk, same run
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
     print()
     print(f"ingest throughput ({os.cpu_count()} CPUs; compare ratios, not absolute numbers)")
     print_table(rows)
+    print()
+    print("durability floor on this disk (write + fdatasync + folder fsync, serially, nothing else):")
+    for workload in workloads:
+        ceiling = 1.0 / floors[workload.name]
+        storescp = next(
+            (r for r in rows if (r.receiver, r.workload, r.associations) == ("storescp", workload.name, 1)),
+            None,
+        )
+        versus = f" = {ceiling / storescp.instances_per_second:.2f}x storescp x1" if storescp else ""
+        print(
+            f"  {workload.name}: {floors[workload.name] * 1000:.2f} ms/instance -> at most "
+            f"{ceiling:.0f} inst/s on one association{versus}"
+        )
     targets = check_targets(rows)
     if args.json:
         payload = {
             "cpus": os.cpu_count(),
+            "durability_floor_seconds": floors,
             "overrides": args.dicomnode_set,
             "measurements": [
                 {
