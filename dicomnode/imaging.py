@@ -146,6 +146,9 @@ class _Frame:
     photometric: str  # after the decoder's colour conversion (YBR_* -> RGB)
     view: Dataset  # the frame's value-transformation attributes (functional groups resolved)
     bits_stored: int
+    index: int = 0  # the frame's index in the instance
+    full_resolution: bool = True  # False when decoded at a reduced resolution level
+    source_size: tuple[int, int] = (0, 0)  # the instance's (Rows, Columns)
 
 
 def _name(ds: Dataset | None, path: str | Path) -> str:
@@ -315,7 +318,9 @@ def _decode_frames(path: str | Path, frames: FrameSelection, need: tuple[int, in
             raise InvalidDatasetError(f"{name}: RGB pixel data without 3 samples per pixel")
         if photometric.startswith("MONOCHROME") and values.ndim != 2:
             raise InvalidDatasetError(f"{name}: monochrome pixel data with {values.ndim} dimensions")
-        result.append(_Frame(values, photometric, _frame_view(ds, index), bits_stored))
+        size = (int(ds.Rows), int(ds.Columns))
+        full = tuple(values.shape[:2]) == size
+        result.append(_Frame(values, photometric, _frame_view(ds, index), bits_stored, index, full, size))
     return result
 
 
@@ -550,27 +555,59 @@ def decode_model_input(path: str | Path, spec: PreprocessSpec) -> np.ndarray:
     return _guard(path, lambda: np.stack([_frame_to_input(frame, spec) for frame in frames]))
 
 
+def _display_need(rows: int, cols: int, max_size: int | None) -> tuple[int, int] | None:
+    """The smallest decoded size a display image of at most ``max_size`` pixels needs (None: full)."""
+    if max_size is None:
+        return None
+    ratio = max_size / max(rows, cols, 1)
+    if ratio >= 1:
+        return None
+    return (max(int(rows * ratio), 1), max(int(cols * ratio), 1))
+
+
+def _render_display(frame: _Frame, max_size: int | None) -> np.ndarray:
+    """A decoded frame as shown: display values as uint8, area-shrunk to ``max_size`` when given."""
+    display = _display_transform(frame)(frame.values)
+    levels = np.rint(display * np.float32(255.0)).astype(np.uint8)
+    if max_size is not None and max(levels.shape[:2]) > max_size:
+        ratio = max_size / max(levels.shape[:2])
+        size = (max(round(levels.shape[0] * ratio), 1), max(round(levels.shape[1] * ratio), 1))
+        levels = _resize(levels, size, "area")
+    return levels
+
+
 def decode_display_image(path: str | Path, max_size: int | None = None) -> np.ndarray:
     """In this process, without a time limit: the first frame as shown, uint8 (rows, cols[, 3])."""
     need: tuple[int, int] | None = None
     if max_size is not None:
         header = read_header(path)
-        rows, cols = int(header.get("Rows") or 0), int(header.get("Columns") or 0)
-        ratio = max_size / max(rows, cols, 1)
-        if ratio < 1:
-            need = (max(int(rows * ratio), 1), max(int(cols * ratio), 1))
+        need = _display_need(int(header.get("Rows") or 0), int(header.get("Columns") or 0), max_size)
     frame = _guard(path, lambda: _decode_frames(path, "first", need)[0])
+    return _guard(path, lambda: _render_display(frame, max_size))
 
-    def render() -> np.ndarray:
-        display = _display_transform(frame)(frame.values)
-        levels = np.rint(display * np.float32(255.0)).astype(np.uint8)
-        if max_size is not None and max(levels.shape[:2]) > max_size:
-            ratio = max_size / max(levels.shape[:2])
-            size = (max(round(levels.shape[0] * ratio), 1), max(round(levels.shape[1] * ratio), 1))
-            levels = _resize(levels, size, "area")
-        return levels
 
-    return _guard(path, render)
+def decode_model_input_and_display(
+    path: str | Path, spec: PreprocessSpec, max_size: int | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """In this process: :func:`decode_model_input` and :func:`decode_display_image` with one decode.
+
+    The display image is rendered from the frame decoded for the model when that is the first frame
+    at a resolution no lower than the display image needs (e.g. a full-resolution decode); otherwise
+    the first frame is decoded a second time for it, as :func:`decode_display_image` does. The
+    display image is None when only it fails.
+    """
+    _validate_spec(spec)
+    frames = _guard(path, lambda: _decode_frames(path, spec.frames, _need_for(spec)))
+    model_input = _guard(path, lambda: np.stack([_frame_to_input(frame, spec) for frame in frames]))
+    first = frames[0]
+    try:
+        if first.index == 0 and first.full_resolution:
+            return model_input, _guard(path, lambda: _render_display(first, max_size))
+        need = _display_need(*first.source_size, max_size)
+        frame = _guard(path, lambda: _decode_frames(path, "first", need)[0])
+        return model_input, _guard(path, lambda: _render_display(frame, max_size))
+    except InvalidDatasetError:
+        return model_input, None  # the model input stands; the caller may retry the display alone
 
 
 def _guard(path: str | Path, work: Callable[[], _T]) -> _T:
@@ -591,12 +628,22 @@ def _guard(path: str | Path, work: Callable[[], _T]) -> _T:
 # decoding in child processes under a deadline
 
 
-def _worker_main(connection: Connection, memory_limit_bytes: int | None) -> None:
+_PRELOADS = frozenset({"report"})  # what a pool may prepare its processes for before their first call
+
+
+def _worker_main(connection: Connection, memory_limit_bytes: int | None, preload: str | None = None) -> None:
     """Child process loop: receive (operation, args), answer ("ok", array) or ("error", message)."""
     if memory_limit_bytes:
         import resource
 
         resource.setrlimit(resource.RLIMIT_AS, (memory_limit_bytes, memory_limit_bytes))
+    if preload == "report":
+        try:
+            from dicomnode.report.bundle import warm_up
+
+            warm_up()
+        except Exception:  # a failed warm-up only costs the first call its time
+            logger.debug("report warm-up failed", exc_info=True)
     connection.send(("ready", None))
     while True:
         try:
@@ -611,13 +658,24 @@ def _worker_main(connection: Connection, memory_limit_bytes: int | None) -> None
                 result: Any = decode_model_input(*args)
             elif operation == "display_image":
                 result = decode_display_image(*args)
+            elif operation == "model_input_and_display":
+                result = decode_model_input_and_display(*args)
+            elif operation == "ping":
+                result = None
+            elif operation == "report":
+                from dicomnode.report.bundle import build_result_objects
+
+                result = build_result_objects(*args)
             else:
                 raise ValueError(f"unknown operation {operation!r}")
             reply: tuple[str, Any] = ("ok", result)
         except DicomNodeError as exc:
             reply = ("error", str(exc))
         except Exception as exc:
-            reply = ("error", f"decoder failed ({type(exc).__name__})")
+            if operation == "report":  # the worker records it with the job (never in a log line)
+                reply = ("error", f"{type(exc).__name__}: {exc}")
+            else:
+                reply = ("error", f"decoder failed ({type(exc).__name__})")
         try:
             connection.send(reply)
         except (OSError, ValueError):
@@ -627,10 +685,13 @@ def _worker_main(connection: Connection, memory_limit_bytes: int | None) -> None
 class _Worker:
     """One child process and the parent's end of its pipe."""
 
-    def __init__(self, context: Any, memory_limit_bytes: int | None) -> None:
+    def __init__(self, context: Any, memory_limit_bytes: int | None, preload: str | None = None) -> None:
         self.connection, child_end = multiprocessing.Pipe(duplex=True)
         self.process = context.Process(
-            target=_worker_main, args=(child_end, memory_limit_bytes), name="dicomnode-decode", daemon=True
+            target=_worker_main,
+            args=(child_end, memory_limit_bytes, preload),
+            name="dicomnode-report" if preload == "report" else "dicomnode-decode",
+            daemon=True,
         )
         self.process.start()
         child_end.close()
@@ -677,10 +738,17 @@ class DecodePool:
         start_method: str = "spawn",
         startup_timeout_s: float = 60.0,
         memory_limit_bytes: int | None = 4 << 30,
+        preload: str | None = None,
     ) -> None:
+        """``preload="report"`` makes the processes import and warm up the report builders before
+        their first call (for a pool that builds reports, see :meth:`build_report`)."""
+        if preload is not None and preload not in _PRELOADS:
+            raise ValueError(f"unknown preload {preload!r}")
+        self._preload = preload
         if workers < 1:
             raise ValueError("DecodePool needs at least one worker")
         self._context = multiprocessing.get_context(start_method)
+        self.workers = workers
         self._startup_timeout_s = startup_timeout_s
         self._memory_limit_bytes = memory_limit_bytes
         self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
@@ -691,7 +759,7 @@ class DecodePool:
             self._add_worker()
 
     def _add_worker(self) -> _Worker:
-        worker = _Worker(self._context, self._memory_limit_bytes)
+        worker = _Worker(self._context, self._memory_limit_bytes, self._preload)
         with self._lock:
             self._all.append(worker)
         self._idle.put(worker)
@@ -705,7 +773,7 @@ class DecodePool:
         if not self._closed:
             self._add_worker()
 
-    def _call(self, operation: str, args: tuple[Any, ...], timeout_s: float, name: str) -> np.ndarray:
+    def _call(self, operation: str, args: tuple[Any, ...], timeout_s: float, name: str) -> Any:
         if self._closed:
             raise RuntimeError("DecodePool is closed")
         worker = self._idle.get()
@@ -733,20 +801,46 @@ class DecodePool:
         self._idle.put(worker)
         if status != "ok":
             raise InvalidDatasetError(str(payload))
-        return cast(np.ndarray, payload)
+        return payload
 
     def read_model_input(
         self, path: str | Path, spec: PreprocessSpec, *, timeout_s: float = 30.0
     ) -> np.ndarray:
         """See :func:`read_model_input`."""
         _validate_spec(spec)
-        return self._call("model_input", (str(path), spec), timeout_s, Path(path).name)
+        return cast(np.ndarray, self._call("model_input", (str(path), spec), timeout_s, Path(path).name))
+
+    def read_model_input_and_display(
+        self, path: str | Path, spec: PreprocessSpec, *, max_size: int | None = None, timeout_s: float = 30.0
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Both :meth:`read_model_input` and :meth:`read_display_image` from one decode of the file
+        (the display image None when only it failed)."""
+        _validate_spec(spec)
+        result = self._call(
+            "model_input_and_display", (str(path), spec, max_size), timeout_s, Path(path).name
+        )
+        return cast(tuple[np.ndarray, "np.ndarray | None"], result)
 
     def read_display_image(
         self, path: str | Path, *, max_size: int | None = None, timeout_s: float = 30.0
     ) -> np.ndarray:
         """See :func:`read_display_image`."""
-        return self._call("display_image", (str(path), max_size), timeout_s, Path(path).name)
+        return cast(
+            np.ndarray, self._call("display_image", (str(path), max_size), timeout_s, Path(path).name)
+        )
+
+    def ping(self, timeout_s: float = 60.0) -> None:
+        """Wait until one worker process has started (and finished its preload) and answers."""
+        self._call("ping", (), timeout_s, "ping")
+
+    def build_report(self, args: tuple[Any, ...], *, timeout_s: float = 300.0) -> Any:
+        """:func:`dicomnode.report.bundle.build_result_objects` (``*args``) in a worker process.
+
+        A pool used for this one is the worker's report process: the objects are built beside the
+        model (own interpreter, own lock) and come back encoded. Failures raise
+        :class:`InvalidDatasetError` with the error's type and message.
+        """
+        return self._call("report", args, timeout_s, "report")
 
     def close(self) -> None:
         """Stop every worker (idle ones politely, busy ones are killed by their caller's retire)."""

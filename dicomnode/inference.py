@@ -35,10 +35,18 @@ INSTALL_HINT = "install the default model with: dicomnode models install-default
 class ModelRegistry:
     """Model packages and runners, each loaded once per process and reused."""
 
-    def __init__(self, models_dir: Path, *, device: str = "auto", max_batch_size: int = 16) -> None:
+    def __init__(
+        self,
+        models_dir: Path,
+        *,
+        device: str = "auto",
+        max_batch_size: int = 16,
+        cpu_threads: int | None = None,
+    ) -> None:
         self.models_dir = models_dir
         self.device = None if device == "auto" else device
         self.max_batch_size = max_batch_size
+        self.cpu_threads = cpu_threads  # torch intra-op threads of CPU runners (None: torch's default)
         self._packages: dict[str, ModelPackage] = {}
         self._runners: dict[str, ModelRunner] = {}
 
@@ -60,7 +68,10 @@ class ModelRegistry:
             from dicomnode.models.runner import ModelRunner
 
             self._runners[name] = ModelRunner(
-                self.package(name), self.device, max_batch_size=self.max_batch_size
+                self.package(name),
+                self.device,
+                max_batch_size=self.max_batch_size,
+                cpu_threads=self.cpu_threads,
             )
         return self._runners[name]
 
@@ -78,6 +89,9 @@ class ImageInput:
     probabilities: np.ndarray | None = None
     findings: list[LabelFinding] = field(default_factory=list)
     heatmaps: dict[str, np.ndarray] = field(default_factory=dict)  # label -> Grad-CAM map in [0, 1]
+    # the Grad-CAM target activations kept from the model's forward pass (a torch tensor), if any
+    features: Any = None
+    display: np.ndarray | None = None  # the display image, when decoded together with the model input
 
 
 def route_files(config: Config, items: Sequence[tuple[Any, Path, str | None]]) -> list[ImageInput]:
@@ -95,17 +109,36 @@ def route_files(config: Config, items: Sequence[tuple[Any, Path, str | None]]) -
 
 
 def decode_inputs(
-    images: Sequence[ImageInput], registry: ModelRegistry, pool: DecodePool | None, timeout_s: float
+    images: Sequence[ImageInput],
+    registry: ModelRegistry,
+    pool: DecodePool | None,
+    timeout_s: float,
+    *,
+    display_max_size: int | None = None,
 ) -> None:
-    """Decode each routed image for its model (under the pool's time limit); errors stay per image."""
-    from dicomnode.imaging import decode_model_input
+    """Decode each routed image for its model (under the pool's time limit); errors stay per image.
+
+    With ``display_max_size``, images of image-classification models (each of which gets a key
+    image) also get their display image (``image.display``) from the same decode.
+    """
+    from dicomnode.imaging import decode_model_input, decode_model_input_and_display
 
     for image in images:
         if image.decision.model is None or image.error:
             continue
-        spec = registry.package(image.decision.model).card.preprocessing
+        card = registry.package(image.decision.model).card
+        spec = card.preprocessing
+        with_display = display_max_size is not None and card.task == "image-classification"
         try:
-            if pool is not None:
+            if with_display and pool is not None:
+                image.array, image.display = pool.read_model_input_and_display(
+                    image.path, spec, max_size=display_max_size, timeout_s=timeout_s
+                )
+            elif with_display:
+                image.array, image.display = decode_model_input_and_display(
+                    image.path, spec, display_max_size
+                )
+            elif pool is not None:
                 image.array = pool.read_model_input(image.path, spec, timeout_s=timeout_s)
             else:
                 image.array = decode_model_input(image.path, spec)
@@ -113,11 +146,15 @@ def decode_inputs(
             image.error = str(exc)
 
 
-def predict(images: Sequence[ImageInput], registry: ModelRegistry) -> dict[str, float]:
+def predict(
+    images: Sequence[ImageInput], registry: ModelRegistry, *, keep_features: bool = False
+) -> dict[str, float]:
     """Run every model once over all its decoded images (batched across studies); return seconds per model.
 
     Image models see the first selected frame of each image; series models see each series as one
-    volume, slices sorted by position.
+    volume, slices sorted by position. With ``keep_features`` each image keeps its Grad-CAM target
+    activations (``image.features``) where the runner can provide them, so that
+    :func:`compute_heatmaps` need not run the network again.
     """
     timings: dict[str, float] = {}
     by_model: dict[str, list[ImageInput]] = defaultdict(list)
@@ -135,9 +172,13 @@ def predict(images: Sequence[ImageInput], registry: ModelRegistry) -> dict[str, 
                     image.probabilities = probabilities
         else:
             batch = np.stack([image.array[0] for image in group if image.array is not None])
-            probabilities = runner.predict(batch)
-            for image, row in zip(group, probabilities, strict=True):
+            if keep_features:
+                probabilities, features = runner.predict_with_features(batch)
+            else:
+                probabilities, features = runner.predict(batch), None
+            for position, (image, row) in enumerate(zip(group, probabilities, strict=True)):
                 image.probabilities = row
+                image.features = features[position] if features is not None else None
         from dicomnode.models.runner import findings_for
 
         for image in group:
@@ -196,7 +237,7 @@ def compute_heatmaps(
 ) -> None:
     """Grad-CAM maps into ``image.heatmaps`` for each positive finding (or every label with
     ``labels="all"``), batched per model across all the images given."""
-    from dicomnode.models.gradcam import grad_cam_batch
+    from dicomnode.models.gradcam import grad_cam_batch, grad_cam_from_features
 
     wanted: dict[str, list[tuple[ImageInput, int, str]]] = defaultdict(list)
     for image in images:
@@ -209,14 +250,26 @@ def compute_heatmaps(
         runner = registry.runner(name)
         if runner.card.task != "image-classification" or runner.card.architecture == "torchscript":
             continue  # no class-activation map for volume or opaque (TorchScript) models
-        maps = grad_cam_batch(
-            runner,
-            np.stack([image.array[0] for image, _, _ in pairs if image.array is not None]),
-            [index for _, index, _ in pairs],
-            [heatmap_shape(image, max_side) for image, _, _ in pairs],
-        )
-        for (image, _, label), array in zip(pairs, maps, strict=True):
-            image.heatmaps[label] = array
+        kept = [pair for pair in pairs if pair[0].features is not None]
+        rest = [pair for pair in pairs if pair[0].features is None]
+        if kept:  # activations from the prediction pass: backward through the head only
+            maps = grad_cam_from_features(
+                runner,
+                [image.features for image, _, _ in kept],
+                [index for _, index, _ in kept],
+                [heatmap_shape(image, max_side) for image, _, _ in kept],
+            )
+            for (image, _, label), array in zip(kept, maps, strict=True):
+                image.heatmaps[label] = array
+        if rest:
+            maps = grad_cam_batch(
+                runner,
+                np.stack([image.array[0] for image, _, _ in rest if image.array is not None]),
+                [index for _, index, _ in rest],
+                [heatmap_shape(image, max_side) for image, _, _ in rest],
+            )
+            for (image, _, label), array in zip(rest, maps, strict=True):
+                image.heatmaps[label] = array
 
 
 def study_findings(

@@ -36,6 +36,7 @@ from dicomnode.imaging import (
     _resize_nearest,
     decode_display_image,
     decode_model_input,
+    decode_model_input_and_display,
     read_header,
     read_model_input,
 )
@@ -215,6 +216,28 @@ def test_display_image_inverts_monochrome1(radiograph_variants: dict[str, Path],
     raw = pydicom.dcmread(radiograph_variants["mono1_window"]).pixel_array
     full = pool.read_display_image(radiograph_variants["mono1_window"])
     assert full[np.unravel_index(raw.argmax(), raw.shape)] < full[np.unravel_index(raw.argmin(), raw.shape)]
+
+
+@pytest.mark.parametrize("name", ["mono1_window", "jpeg2000_lossless"])
+def test_model_input_and_display_from_one_decode(
+    radiograph_variants: dict[str, Path], pool: DecodePool, name: str
+) -> None:
+    """One decode gives exactly the model input and the display image that two separate ones give
+    (a "nearest" model needs the full resolution, from which the display image is rendered)."""
+    path = radiograph_variants[name]
+    model_input, display = pool.read_model_input_and_display(path, KERAS_SPEC, max_size=512)
+    assert np.array_equal(model_input, decode_model_input(path, KERAS_SPEC))
+    assert display is not None and display.shape == (512, 512)
+    if name == "mono1_window":  # a J2K display image alone is decoded at a reduced level
+        assert np.array_equal(display, decode_display_image(path, max_size=512))
+    else:
+        separate = decode_display_image(path, max_size=512).astype(int)
+        assert float(np.abs(display.astype(int) - separate).mean()) < 1.0
+    # a model input decoded at a reduced level: the display image gets its own decode
+    reduced_spec = PreprocessSpec(size=(224, 224), channels=1, interpolation="bilinear")
+    model_input, display = decode_model_input_and_display(path, reduced_spec, max_size=512)
+    assert np.array_equal(model_input, decode_model_input(path, reduced_spec))
+    assert display is not None and np.array_equal(display, decode_display_image(path, max_size=512))
 
 
 def test_reduced_resolution_jpeg2000_is_faithful_and_used(

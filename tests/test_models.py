@@ -19,7 +19,7 @@ from dicomnode.errors import ConfigurationError, ModelUnavailableError
 from dicomnode.models import DEFAULT_MODEL_NAME, ModelPackage, discover_models, load_model_package
 from dicomnode.models.card import ModelCard, device_observer_uid
 from dicomnode.models.densenet import build_densenet121
-from dicomnode.models.gradcam import grad_cam, grad_cam_map
+from dicomnode.models.gradcam import grad_cam, grad_cam_batch, grad_cam_from_features, grad_cam_map
 from dicomnode.models.install import (
     ValidationImage,
     install_default_model,
@@ -297,6 +297,56 @@ def test_grad_cam_on_a_pneumonia_radiograph(
         heat = grad_cam(default_runner, batch[index], 0, (480, 360))
     assert heat.shape == (480, 360) and heat.dtype == np.float32
     assert np.isfinite(heat).all() and heat.min() >= 0.0 and heat.max() == pytest.approx(1.0)
+
+
+def test_frozen_graph_matches_the_eager_network(
+    default_runner: ModelRunner, shipped: tuple[list[ValidationImage], np.ndarray]
+) -> None:
+    """The runner's frozen CPU graph gives the eager float32 network's probabilities within 1e-5."""
+    _, batch = shipped
+    assert default_runner._graph() is not None  # the fast path is the one under test
+    network = default_runner.network.to(memory_format=torch.contiguous_format)
+    try:
+        with torch.inference_mode():
+            logits = network(torch.from_numpy(batch))
+        expected = torch.softmax(logits.float(), dim=1)[:, [1]].numpy()
+    finally:
+        default_runner.network = network.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    np.testing.assert_allclose(default_runner.predict(batch), expected, atol=1e-5, rtol=0)
+
+
+def test_grad_cam_from_kept_activations_matches_a_second_pass(
+    default_runner: ModelRunner, shipped: tuple[list[ValidationImage], np.ndarray]
+) -> None:
+    """Grad-CAM from the prediction's kept activations equals Grad-CAM with its own forward pass."""
+    _, batch = shipped
+    probabilities, features = default_runner.predict_with_features(batch)
+    np.testing.assert_array_equal(probabilities, default_runner.predict(batch))
+    assert features is not None and len(features) == len(batch)
+    rows = [0, 5, 9, 12]
+    kept = grad_cam_from_features(default_runner, [features[i] for i in rows], [0] * 4, [(120, 100)] * 4)
+    again = grad_cam_batch(default_runner, batch[rows], [0] * 4, [(120, 100)] * 4)
+    for new, old in zip(kept, again, strict=True):
+        assert new.shape == (120, 100) and new.dtype == np.float32
+        np.testing.assert_allclose(new, old, atol=2e-3)
+
+
+def test_cpu_threads_apply_while_predicting_only(
+    default_package: ModelPackage, shipped: tuple[list[ValidationImage], np.ndarray]
+) -> None:
+    """A runner's cpu_threads hold during its prediction and torch's own setting afterwards."""
+    before = torch.get_num_threads()
+    runner = ModelRunner(default_package, device="cpu", cpu_threads=1)
+    seen: list[int] = []
+    handle = runner.network.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+    runner._frozen = None  # run eagerly so that the hook sees the forward pass
+    try:
+        runner.predict(shipped[1][:2])
+    finally:
+        handle.remove()
+    assert seen == [1] and torch.get_num_threads() == before
+    with pytest.raises(ValueError):
+        ModelRunner(default_package, device="cpu", cpu_threads=0)
 
 
 def test_grad_cam_peaks_where_the_evidence_is() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import io
 import logging
 import re
 import shutil
@@ -38,6 +39,8 @@ from dicomnode.report import (
     derive_uid,
     sr_uids,
 )
+from dicomnode.report.bundle import KeyImageInput, build_result_objects
+from dicomnode.report.key_image import blend_heatmap
 
 try:
     from tests.corpus import find
@@ -460,6 +463,57 @@ def test_key_object_selection_flags_sr_and_key_image(tmp_path: Path) -> None:
     }
     assert referenced == {sr.SOPInstanceUID, key.SOPInstanceUID}
     assert build_key_object_selection(findings, [sr, key]).SOPInstanceUID == kos.SOPInstanceUID
+
+
+def test_heatmap_blend_equals_the_colormap_formula() -> None:
+    """Blending only above the floor, through the colormap's table, gives the full formula's pixels."""
+    import matplotlib
+
+    rng = np.random.default_rng(7)
+    heat = np.clip(rng.normal(0.4, 0.3, (40, 50)), 0, 1).astype(np.float32)
+    heat[0, 0], heat[0, 1] = 1.0, 0.0
+    grey = rng.integers(0, 256, (80, 100), dtype=np.uint8)
+    colour = rng.integers(0, 256, (80, 100, 3), dtype=np.uint8)
+
+    def reference(rgb: np.ndarray) -> np.ndarray:
+        big = np.asarray(Image.fromarray(heat, mode="F").resize((100, 80), Image.Resampling.BILINEAR))
+        big = np.clip(big, 0.0, 1.0)
+        colours = matplotlib.colormaps["jet"](big)[:, :, :3] * 255.0
+        alpha = np.clip((big - 0.3) / (1.0 - 0.3), 0.0, 1.0)[:, :, np.newaxis] * 0.5
+        return np.clip(np.rint(rgb.astype(np.float32) * (1.0 - alpha) + colours * alpha), 0, 255).astype(
+            np.uint8
+        )
+
+    grey_rgb = np.repeat(grey[:, :, np.newaxis], 3, axis=2)
+    assert np.array_equal(blend_heatmap(grey_rgb, heat, grey), reference(grey_rgb))
+    assert np.array_equal(blend_heatmap(grey_rgb, heat), reference(grey_rgb))
+    assert np.array_equal(blend_heatmap(colour, heat), reference(colour))
+    assert np.array_equal(blend_heatmap(colour, np.zeros((4, 4), np.float32)), colour)
+
+
+def test_result_bundle_builds_sr_key_image_and_kos(tmp_path: Path) -> None:
+    """The worker's one-call builder (also run in a report process) encodes SR, key image, KOS."""
+    source = rg1()
+    findings = study(image_findings(source, label(PNEUMONIA, 0.87)), uid=source.StudyInstanceUID)
+    heat = np.zeros((64, 64), np.float32)
+    heat[40:56, 8:24] = 1.0
+    encoded = build_result_objects(findings, [source], [KeyImageInput(0, display_image(source), heat)])
+    assert [obj.kind for obj in encoded] == ["sr", "key-image", "kos"]
+    back = [pydicom.dcmread(io.BytesIO(obj.data)) for obj in encoded]
+    for obj, ds in zip(encoded, back, strict=True):
+        assert ds.SOPInstanceUID == obj.sop_instance_uid and ds.SOPClassUID == obj.sop_class_uid
+        assert ds.SeriesInstanceUID == obj.series_instance_uid
+        assert ds.StudyInstanceUID == source.StudyInstanceUID and ds.PatientName == source.PatientName
+    referenced = {
+        item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for item in back[2].ContentSequence
+        if item.ValueType in ("IMAGE", "COMPOSITE")
+    }
+    assert referenced == {back[0].SOPInstanceUID, back[1].SOPInstanceUID}
+    assert (
+        back[1].SOPInstanceUID
+        == build_key_image(findings, findings.images[0], source, display_image(source), heat).SOPInstanceUID
+    )
 
 
 # --- validators -----------------------------------------------------------------------------

@@ -22,9 +22,10 @@ from torch import nn
 from dicomnode.config import Config
 from dicomnode.db import Job, JobState, Outbox, Result
 from dicomnode.findings import StudyFindings
+from dicomnode.imaging import DecodePool
 from dicomnode.queue import InstanceRecord
 from dicomnode.services import Services, open_services
-from dicomnode.worker import Worker
+from dicomnode.worker import Watchdog, Worker, pipeline_chunks
 
 VOLUME_CARD = """
 name = "{name}"
@@ -159,6 +160,75 @@ def test_volume_model_sees_the_series_sorted_by_position(tmp_path: Path) -> None
         assert sr.StudyInstanceUID in by_study
     finally:
         services.close()
+
+
+def test_pipelined_worker_with_decode_and_report_processes(tmp_path: Path) -> None:
+    """Many jobs through the three-stage pipeline (decode processes, model, report process): each
+    job done once with its files on disk; a report process that cannot build fails the attempt only."""
+    config = ct_config(tmp_path, "volume", max_batch_size=4)
+    write_package(config.models.path / "volume", MeanSlope())
+    services = open_services(config, upgrade=True)
+    try:
+        studies = [store_series(services, 3, brighter=i % 2 == 0) for i in range(9)]
+        with DecodePool(workers=2) as pool:
+            worker = Worker(config, services, pool=pool)
+            try:
+                assert worker.report_pool is not None
+                worker.run(threading.Event(), burst=True)
+            finally:
+                worker.close()
+        by_study = {f.study_instance_uid: f for f in results(services)}
+        assert set(by_study) == set(studies)
+        for index, study in enumerate(studies):
+            assert by_study[study].study_findings[0].present == (index % 2 == 0)
+        with services.sessions() as session:
+            jobs = session.query(Job).all()
+            assert len(jobs) == 9 and {j.state for j in jobs} == {JobState.DONE}
+            for row in session.query(Result).all():
+                for obj in json.loads(row.objects_json or "[]"):
+                    assert (config.storage.path / obj["path"]).stat().st_size > 0
+
+        # a report process that cannot build: the job fails (to be retried), no result row, nothing lost
+        store_series(services, 3)
+        with DecodePool(workers=1) as pool:
+            worker = Worker(config, services, pool=pool)
+            assert worker.report_pool is not None
+            worker.report_pool.close()  # every build now fails
+            try:
+                worker.run(threading.Event(), burst=True)
+            finally:
+                worker.close()
+        with services.sessions() as session:
+            failed = session.query(Job).filter(Job.state != JobState.DONE).all()
+            assert len(failed) == 1 and failed[0].error is not None
+            assert "building results failed" in failed[0].error
+            assert session.query(Result).count() == 9
+    finally:
+        services.close()
+
+
+def test_pipeline_chunks_and_watchdog_batches() -> None:
+    """A claimed batch runs as two halves from four jobs on; the watchdog tracks batches apart."""
+    jobs = [Any] * 7  # stand-ins: only counted
+    assert [len(c) for c in pipeline_chunks(jobs)] == [4, 3]  # type: ignore[arg-type]
+    assert [len(c) for c in pipeline_chunks(jobs[:3])] == [3]  # type: ignore[arg-type]
+    assert pipeline_chunks([]) == []
+
+    class Quiet:
+        queue = None
+
+    watchdog = Watchdog(Quiet(), lease_seconds=60)  # type: ignore[arg-type]
+    try:
+        first = watchdog.watch([], 60)
+        second = watchdog.watch([], 60)
+        assert first != second and len(watchdog._batches) == 2
+        watchdog.rearm(first, 120)
+        watchdog.clear(first)
+        assert list(watchdog._batches) == [second]
+        watchdog.clear()
+        assert not watchdog._batches
+    finally:
+        watchdog.close()
 
 
 def test_rerun_on_new_images_supersedes_the_previous_sr(tmp_path: Path) -> None:

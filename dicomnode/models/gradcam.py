@@ -16,7 +16,7 @@ import torch.nn.functional as F  # noqa: N812  (torch convention)
 from torch import nn
 
 from dicomnode.models.card import ModelCard
-from dicomnode.models.runner import ModelRunner, cam_target_layer
+from dicomnode.models.runner import ModelRunner, cam_head, cam_target_layer
 
 
 def label_log_odds(logits: torch.Tensor, output_index: int, activation: str) -> torch.Tensor:
@@ -139,4 +139,44 @@ def grad_cam_batch(
             maps.extend(_cams(captured[-1], gradients, out_shapes[start : start + len(indices)]))
     finally:
         handle.remove()
+    return maps
+
+
+def grad_cam_from_features(
+    runner: ModelRunner,
+    features: list[torch.Tensor],
+    label_indices: list[int],
+    out_shapes: list[tuple[int, int]],
+) -> list[np.ndarray]:
+    """Grad-CAM maps from target activations kept by :meth:`ModelRunner.predict_with_features`.
+
+    ``features[i]`` is one image's (K, h, w) activation, explained for card label
+    ``label_indices[i]`` and upsampled to ``out_shapes[i]``. Only the head (pooling and dense layers)
+    runs, forward and backward: the same gradients as :func:`grad_cam_batch` without its second
+    pass through the backbone.
+    """
+    card: ModelCard = runner.card
+    if not len(features) == len(label_indices) == len(out_shapes):
+        raise ValueError("features, label_indices and out_shapes must have the same length")
+    head = cam_head(runner.network, card)
+    if head is None:
+        raise ValueError(f"no Grad-CAM head for {card.architecture} models")
+    maps: list[np.ndarray] = []
+    for start in range(0, len(features), runner.max_batch_size):
+        indices = label_indices[start : start + runner.max_batch_size]
+        with torch.inference_mode(False), torch.enable_grad():
+            activations = torch.stack(
+                [f.float().clone() for f in features[start : start + runner.max_batch_size]]
+            ).requires_grad_(True)
+            logits = head(activations)
+            scores = torch.stack(
+                [
+                    label_log_odds(
+                        logits[row : row + 1], card.labels[index].output_index, card.output_activation
+                    )[0]
+                    for row, index in enumerate(indices)
+                ]
+            )
+            (gradients,) = torch.autograd.grad(scores.sum(), activations)
+        maps.extend(_cams(activations, gradients, out_shapes[start : start + len(indices)]))
     return maps

@@ -140,7 +140,11 @@ class Xception(nn.Module):
         return self.block14_sepconv2_act(self.block14_sepconv2_bn(self.block14_sepconv2(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.features(x).mean(dim=(2, 3))
+        return self.head(self.features(x))
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits from the last feature map: global average pooling and the dense layers."""
+        x = features.mean(dim=(2, 3))
         if self.dense is not None:
             x = F.relu(self.dense(x))
         return self.dense_out(self.dropout(x))

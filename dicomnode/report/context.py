@@ -64,15 +64,30 @@ _EMPTY_IN_HEADER = (
 )
 
 
-def neutral_header(source: Dataset) -> Dataset:
+# What a reference to an object dicomnode wrote needs none of: its content and evidence.
+REFERENCE_OMITS = frozenset(
+    {
+        "ContentSequence",
+        "CurrentRequestedProcedureEvidenceSequence",
+        "PertinentOtherEvidenceSequence",
+        "PredecessorDocumentsSequence",
+        "ContentTemplateSequence",
+        "SourceImageSequence",
+        "ContributingEquipmentSequence",
+    }
+)
+
+
+def neutral_header(source: Dataset, omit: frozenset[str] = frozenset()) -> Dataset:
     """A pixel-free copy of ``source`` for highdicom: no patient data, build character set.
 
     highdicom never sees names or IDs (its warnings would otherwise quote them) nor a character set
-    it refuses; :func:`apply_source_context` puts the real values back afterwards.
+    it refuses; :func:`apply_source_context` puts the real values back afterwards. Elements named in
+    ``omit`` are left out (e.g. :data:`REFERENCE_OMITS` for an object that is only referenced).
     """
     header = Dataset()
     for element in source:
-        if element.tag.group == 0x7FE0 or element.keyword in _REMOVED_FROM_HEADER:
+        if element.tag.group == 0x7FE0 or element.keyword in _REMOVED_FROM_HEADER or element.keyword in omit:
             continue
         # sequences are copied deeply; other elements hold immutable values, so a shallow copy is
         # enough and saves most of the report's time on large headers

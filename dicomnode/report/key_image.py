@@ -7,6 +7,7 @@ the SR (never instead of it). Burned In Annotation is YES: the text is part of t
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 from pathlib import Path
 
@@ -71,11 +72,12 @@ def build_key_image(
         raise InvalidDatasetError(
             f"source {source_dataset.SOPInstanceUID} is not the image {image_findings.sop_instance_uid}"
         )
-    rgb = _to_rgb(display_image)
-    rgb = _downscale(rgb, max_size)
+    # a grey image is shrunk (Pillow resamples each band alike) and blended as one channel
+    grey = _downscale(_checked_display(display_image), max_size)
+    rgb = _to_rgb(grey)
     if heatmap is not None:
         heat = np.load(heatmap) if isinstance(heatmap, str | Path) else np.asarray(heatmap)
-        rgb = blend_heatmap(rgb, heat)
+        rgb = blend_heatmap(rgb, heat, grey if grey.ndim == 2 else None)
     lines = [result_text(f) for f in sorted(image_findings.findings, key=lambda f: -f.probability)]
     rgb = burn_in_text(rgb, lines)
 
@@ -136,28 +138,39 @@ def _source_reference(image: ImageFindings) -> Dataset:
     return item
 
 
-def _to_rgb(display_image: np.ndarray) -> np.ndarray:
+def _checked_display(display_image: np.ndarray) -> np.ndarray:
     array = np.asarray(display_image)
     if array.dtype != np.uint8:
         raise ValueError(f"display image must be uint8, not {array.dtype}")
-    if array.ndim == 2:
-        return np.repeat(array[:, :, np.newaxis], 3, axis=2)
-    if array.ndim == 3 and array.shape[2] == 3:
+    if array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 3):
         return array
     raise ValueError(f"display image must be (rows, columns) or (rows, columns, 3), not {array.shape}")
 
 
-def _downscale(rgb: np.ndarray, max_size: int) -> np.ndarray:
-    rows, columns = rgb.shape[:2]
+def _to_rgb(display_image: np.ndarray) -> np.ndarray:
+    array = _checked_display(display_image)
+    if array.ndim == 2:
+        return np.repeat(array[:, :, np.newaxis], 3, axis=2)
+    return np.ascontiguousarray(array)
+
+
+def _downscale(image: np.ndarray, max_size: int) -> np.ndarray:
+    """Shrink a grey or RGB uint8 image (Lanczos) so its longest side is at most ``max_size``."""
+    rows, columns = image.shape[:2]
     scale = max_size / max(rows, columns)
     if scale >= 1.0:
-        return np.ascontiguousarray(rgb)
+        return np.ascontiguousarray(image)
     size = (max(1, round(columns * scale)), max(1, round(rows * scale)))
-    return np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.LANCZOS))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.LANCZOS))
 
 
-def blend_heatmap(rgb: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
-    """Alpha-blend ``heatmap`` (0..1, any size) over ``rgb`` with a colormap where the map is high."""
+def blend_heatmap(rgb: np.ndarray, heatmap: np.ndarray, grey: np.ndarray | None = None) -> np.ndarray:
+    """Alpha-blend ``heatmap`` (0..1, any size) over ``rgb`` with a colormap where the map is high.
+
+    Only pixels above the floor change, so only those are computed; the colours are matplotlib's
+    (its lookup table indexed as ``Colormap.__call__`` indexes it), the arithmetic is the same.
+    ``grey``, when given, is ``rgb``'s one channel of a grey image (each channel equal).
+    """
     heat = np.nan_to_num(np.asarray(heatmap, dtype=np.float32).squeeze(), nan=0.0)
     if heat.ndim != 2:
         raise ValueError(f"heat map must be two-dimensional, not {heat.shape}")
@@ -165,13 +178,34 @@ def blend_heatmap(rgb: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
     if heat.shape != (rows, columns):
         heat = np.asarray(Image.fromarray(heat, mode="F").resize((columns, rows), Image.Resampling.BILINEAR))
     heat = np.clip(heat, 0.0, 1.0)
-    colours = matplotlib.colormaps[HEATMAP_COLORMAP](heat)[:, :, :3] * 255.0
-    alpha = np.clip((heat - HEATMAP_FLOOR) / (1.0 - HEATMAP_FLOOR), 0.0, 1.0)[:, :, np.newaxis]
+    alpha = np.clip((heat - HEATMAP_FLOOR) / (1.0 - HEATMAP_FLOOR), 0.0, 1.0)
     alpha *= HEATMAP_MAX_ALPHA
-    blended = rgb.astype(np.float32) * (1.0 - alpha) + colours * alpha
-    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    blended = np.array(rgb, dtype=np.uint8, copy=True)
+    shown = np.flatnonzero(alpha)  # elsewhere the blend is the image itself
+    if shown.size == 0:
+        return blended
+    lut, size = _colormap_lut()
+    # as matplotlib maps floats: index = floor(x * N), with x == 1 in the last entry
+    index = np.minimum((heat.ravel()[shown] * np.float32(size)).astype(np.intp), size - 1)
+    weight = alpha.ravel()[shown][:, np.newaxis]
+    pixels = blended.reshape(-1, 3)
+    if grey is not None:  # the same in each channel: one gather instead of three
+        base = grey.ravel()[shown].astype(np.float32)[:, np.newaxis]
+    else:
+        base = pixels[shown].astype(np.float32)
+    mixed = base * (1.0 - weight) + lut[index] * weight
+    pixels[shown] = np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
+    return blended
 
 
+@functools.cache
+def _colormap_lut() -> tuple[np.ndarray, int]:
+    """The heat map colormap's RGB lookup table scaled to 0..255 (float64), and its size."""
+    colormap = matplotlib.colormaps[HEATMAP_COLORMAP]
+    return colormap(np.arange(colormap.N))[:, :3] * 255.0, int(colormap.N)
+
+
+@functools.cache
 def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     """DejaVu Sans as shipped with matplotlib (covers Latin, Greek, Cyrillic and the em dash)."""
     try:

@@ -14,7 +14,13 @@ from pydicom.dataset import Dataset
 
 from dicomnode.errors import InvalidDatasetError
 from dicomnode.findings import StudyFindings
-from dicomnode.report.context import BUILD_CHARACTER_SET, apply_source_context, encodable, neutral_header
+from dicomnode.report.context import (
+    BUILD_CHARACTER_SET,
+    REFERENCE_OMITS,
+    apply_source_context,
+    encodable,
+    neutral_header,
+)
 from dicomnode.report.sr import device_observer_context, series_description
 from dicomnode.report.uids import derive_uid, job_key
 
@@ -42,9 +48,12 @@ def build_key_object_selection(
         raise InvalidDatasetError(f"nothing to reference for study {study_findings.study_instance_uid}")
     key = job_key(study_findings, sorted(str(ds.SOPInstanceUID) for ds in objects))
     character_set = objects[0].get("SpecificCharacterSet") or "ISO_IR 6"
+    # highdicom reads the UIDs, Rows/Columns (image or not) and the first one's patient/study
+    # module from these; the content trees of the SR it need not copy
+    headers = [neutral_header(ds, REFERENCE_OMITS) for ds in objects]
     content = hd.ko.KeyObjectSelection(
         document_title=OF_INTEREST,
-        referenced_objects=[neutral_header(ds) for ds in objects],
+        referenced_objects=headers,
         observer_device_context=device_observer_context(study_findings),
         description=encodable(
             f"AI result of {study_findings.model.name} {study_findings.model.version} — not verified",
@@ -52,7 +61,7 @@ def build_key_object_selection(
         ),
     )
     document = hd.ko.KeyObjectSelectionDocument(
-        evidence=[neutral_header(ds) for ds in objects],
+        evidence=headers,
         content=content,
         series_instance_uid=derive_uid(*key, "kos-series"),
         series_number=series_number,
