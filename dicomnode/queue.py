@@ -246,6 +246,18 @@ class JobQueue:
 
     def claim(self, owner: str, lease_seconds: float, now: datetime | None = None) -> ClaimedJob | None:
         """Lease the oldest due queued job to ``owner``, or return None when there is none."""
+        claimed = self.claim_many(owner, lease_seconds, 1, now)
+        return claimed[0] if claimed else None
+
+    def claim_many(
+        self, owner: str, lease_seconds: float, limit: int, now: datetime | None = None
+    ) -> list[ClaimedJob]:
+        """Lease up to ``limit`` of the oldest due queued jobs to ``owner`` in one transaction.
+
+        A conditional UPDATE ... RETURNING (SQLite 3.35+, PostgreSQL): a job another worker took
+        between the SELECT and the UPDATE is simply not returned. One commit for a whole batch:
+        claiming 16 jobs one transaction each cost the worker 5-20 ms per job.
+        """
         now = now or utcnow()
         with self._write_lock, self.sessions.begin() as session:
             candidates = (
@@ -253,39 +265,44 @@ class JobQueue:
                     select(Job.id)
                     .where(Job.state == JobState.QUEUED, Job.not_before <= now)
                     .order_by(Job.id)
-                    .limit(5)
+                    .limit(limit)
                 )
                 .scalars()
                 .all()
             )
-            for job_id in candidates:
-                result: Any = session.execute(
-                    update(Job)
-                    .where(Job.id == job_id, Job.state == JobState.QUEUED)
-                    .values(
-                        state=JobState.RUNNING,
-                        lease_owner=owner,
-                        lease_expires_at=now + timedelta(seconds=lease_seconds),
-                        attempts=Job.attempts + 1,
-                        started_at=now,
-                        updated_at=now,
-                    )
+            if not candidates:
+                return []
+            rows = session.execute(
+                update(Job)
+                .where(Job.id.in_(candidates), Job.state == JobState.QUEUED)
+                .values(
+                    state=JobState.RUNNING,
+                    lease_owner=owner,
+                    lease_expires_at=now + timedelta(seconds=lease_seconds),
+                    attempts=Job.attempts + 1,
+                    started_at=now,
+                    updated_at=now,
                 )
-                if result.rowcount == 1:
-                    job = session.get(Job, job_id)
-                    assert job is not None
-                    session.refresh(job)
-                    study = session.get(Study, job.study_id)
-                    assert study is not None
-                    return ClaimedJob(
-                        id=job.id,
-                        study_id=job.study_id,
-                        study_instance_uid=study.study_instance_uid,
-                        attempts=job.attempts,
-                        max_attempts=job.max_attempts,
-                        owner=owner,
-                    )
-        return None
+                .returning(Job.id, Job.study_id, Job.attempts, Job.max_attempts),
+                execution_options={"synchronize_session": False},
+            ).all()
+            if not rows:
+                return []
+            studies = session.execute(
+                select(Study.id, Study.study_instance_uid).where(Study.id.in_({r.study_id for r in rows}))
+            ).all()
+            study_uids = {study_id: uid for study_id, uid in studies}
+        return [
+            ClaimedJob(
+                id=row.id,
+                study_id=row.study_id,
+                study_instance_uid=study_uids[row.study_id],
+                attempts=row.attempts,
+                max_attempts=row.max_attempts,
+                owner=owner,
+            )
+            for row in sorted(rows, key=lambda r: r.id)
+        ]
 
     def heartbeat(self, job: ClaimedJob, lease_seconds: float) -> bool:
         """Extend the lease; False when the job is no longer ours (it was requeued)."""

@@ -221,13 +221,9 @@ class Worker:
         queue.assemble_stable_studies(
             self.config.studies.stable_after_seconds, self.config.worker.max_attempts
         )
-        jobs: list[ClaimedJob] = []
-        while len(jobs) < self.config.worker.max_batch_size:
-            job = queue.claim(self.owner, self.config.worker.lease_seconds)
-            if job is None:
-                break
-            jobs.append(job)
-        return jobs
+        return queue.claim_many(
+            self.owner, self.config.worker.lease_seconds, self.config.worker.max_batch_size
+        )
 
     def run(self, stop: Any, *, burst: bool = False) -> None:
         """Loop until ``stop`` is set; with ``burst``, return once nothing is queued or due.

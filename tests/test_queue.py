@@ -131,6 +131,23 @@ def test_claim_leases_one_job_to_one_owner(services: Services) -> None:
     assert queue.heartbeat(claimed, 30)
 
 
+def test_claim_many_leases_the_oldest_jobs_in_one_go(services: Services) -> None:
+    """A batch claim takes up to its limit, oldest first, each job with its own study."""
+    queue = services.queue
+    studies = [generate_uid() for _ in range(5)]
+    for study in studies:
+        queue.record_instance(record(study))
+    job_ids = queue.assemble_stable_studies(STABLE, 3, now=later())
+    assert len(job_ids) == 5
+    first = queue.claim_many("w1", 30, 3, now=later())
+    assert [j.id for j in first] == sorted(job_ids)[:3]
+    assert {j.study_instance_uid for j in first} <= set(studies)
+    assert all((j.owner, j.attempts) == ("w1", 1) for j in first)
+    rest = queue.claim_many("w2", 30, 3, now=later())
+    assert [j.id for j in rest] == sorted(job_ids)[3:]
+    assert queue.claim_many("w3", 30, 3, now=later()) == []
+
+
 def test_concurrent_claims_never_share_a_job(services: Services) -> None:
     """Two threads with their own engines claim from one file: every job goes to exactly one of them."""
     queue = services.queue
