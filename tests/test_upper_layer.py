@@ -6,6 +6,7 @@ test_listener and test_tls; these tests drive the protocol corners a real peer m
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import struct
 import time
@@ -224,7 +225,7 @@ def test_silent_connection_is_closed_when_artim_expires(tmp_path: Path) -> None:
     services = open_services(config, upgrade=True)
     store = services.store()
     settings = acceptor_settings(config.node)
-    quick = type(settings)(**{**settings.__dict__, "artim_timeout": 0.3})
+    quick = dataclasses.replace(settings, artim_timeout=0.3)
     server = AcceptorServer(("127.0.0.1", 0), quick, StorageSCP(store, services.queue))
     server.start()
     try:
