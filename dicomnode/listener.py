@@ -140,7 +140,7 @@ class StorageSCP:
         stats = association.stats
         size = buffers_size(data)
         try:
-            header = _read_header(data, transfer_syntax_uid)
+            header = _read_header(data, size, transfer_syntax_uid)
             record, meta = self._record_from(header, association, command, transfer_syntax_uid, size)
         except InvalidDatasetError as exc:
             status = getattr(exc, "status", STATUS_CANNOT_UNDERSTAND_MISSING_UID)
@@ -240,7 +240,7 @@ def _stop_after_header(tag: BaseTag, vr: str | None, length: int) -> bool:
     return tag > _LAST_HEADER_TAG
 
 
-def _read_header(fragments: list[memoryview], transfer_syntax_uid: str) -> Dataset:
+def _read_header(fragments: list[memoryview], size: int, transfer_syntax_uid: str) -> Dataset:
     """Parse the data set's leading attributes, up to Series Instance UID, in its transfer syntax.
 
     Only the first fragments are joined for it (the identifying attributes come first); when they
@@ -252,7 +252,7 @@ def _read_header(fragments: list[memoryview], transfer_syntax_uid: str) -> Datas
         prefix += fragment
         if len(prefix) >= _HEADER_PREFIX:
             break
-    if len(prefix) == buffers_size(fragments):
+    if len(prefix) == size:
         return _parse_header(bytes(prefix), transfer_syntax_uid)
     try:
         header = _parse_header(bytes(prefix), transfer_syntax_uid)

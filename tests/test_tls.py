@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import ssl
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,23 +115,26 @@ def _echo(port: int, tls: ssl.SSLContext | None) -> bool:
     return bool(ok)
 
 
-def test_tls_listener_requires_a_certificate_signed_by_the_ca(pki: Path, tmp_path: Path) -> None:
+@pytest.fixture
+def tls_listener(pki: Path, tmp_path: Path) -> Iterator[RunningListener]:
+    """A listener in this process with [node.tls] and client certificates required."""
+    services = open_services(make_config(tmp_path, node=server_tls(pki)), upgrade=True)
+    running = RunningListener(services)
+    yield running
+    running.stop()
+    services.close()
+
+
+def test_tls_listener_requires_a_certificate_signed_by_the_ca(
+    pki: Path, tls_listener: RunningListener
+) -> None:
     """With [node.tls] and a CA: a client with a CA-signed certificate gets C-ECHO; one without a
     certificate, or one speaking plain TCP, gets no association."""
-    config = make_config(
-        tmp_path,
-        node=server_tls(pki),
-    )
-    services = open_services(config, upgrade=True)
-    running = RunningListener(services)
-    try:
-        assert _echo(running.port, _client_context(pki, with_certificate=True))
-        assert not _echo(running.port, _client_context(pki, with_certificate=False))
-        assert not _echo(running.port, None)
-        assert _echo(running.port, _client_context(pki, with_certificate=True))  # still serving
-    finally:
-        running.stop()
-        services.close()
+    port = tls_listener.port
+    assert _echo(port, _client_context(pki, with_certificate=True))
+    assert not _echo(port, _client_context(pki, with_certificate=False))
+    assert not _echo(port, None)
+    assert _echo(port, _client_context(pki, with_certificate=True))  # still serving
 
 
 def test_tls_configuration_errors_name_the_key(tmp_path: Path) -> None:
@@ -147,45 +151,35 @@ def test_tls_configuration_errors_name_the_key(tmp_path: Path) -> None:
     assert excinfo.value.key == "node.tls.cipher"
 
 
-def test_dcmtk_storescu_stores_over_tls(pki: Path, tmp_path: Path) -> None:
+def test_dcmtk_storescu_stores_over_tls(pki: Path, tls_listener: RunningListener) -> None:
     """dcmtk's storescu with +tls (a real modality tool) stores an instance over the TLS listener."""
     from corpus import find
 
-    config = make_config(
-        tmp_path,
-        node=server_tls(pki),
+    result = subprocess.run(
+        [
+            "storescu",
+            "+tls",
+            str(pki / "client.key"),
+            str(pki / "client.crt"),
+            "+cf",
+            str(pki / "ca.crt"),
+            "-aet",
+            "MODALITY",
+            "-aec",
+            "DICOMNODE",
+            "127.0.0.1",
+            str(tls_listener.port),
+            str(find("CT_small.dcm")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
-    services = open_services(config, upgrade=True)
-    running = RunningListener(services)
-    try:
-        result = subprocess.run(
-            [
-                "storescu",
-                "+tls",
-                str(pki / "client.key"),
-                str(pki / "client.crt"),
-                "+cf",
-                str(pki / "ca.crt"),
-                "-aet",
-                "MODALITY",
-                "-aec",
-                "DICOMNODE",
-                "127.0.0.1",
-                str(running.port),
-                str(find("CT_small.dcm")),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert result.returncode == 0, result.stderr
-        with services.sessions() as session:
-            from dicomnode.db import Instance
+    assert result.returncode == 0, result.stderr
+    with tls_listener.services.sessions() as session:
+        from dicomnode.db import Instance
 
-            assert session.query(Instance).count() == 1
-    finally:
-        running.stop()
-        services.close()
+        assert session.query(Instance).count() == 1
 
 
 def test_results_reach_a_tls_destination(pki: Path, tmp_path: Path) -> None:
