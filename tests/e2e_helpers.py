@@ -279,6 +279,20 @@ def write_node_config(
     return path
 
 
+def serve_argv(config_path: Path, port_file: Path) -> list[str]:
+    """``python -m dicomnode --config CFG serve --port-file PF``: the node as an operator starts it."""
+    return [
+        sys.executable,
+        "-m",
+        "dicomnode",
+        "--config",
+        str(config_path),
+        "serve",
+        "--port-file",
+        str(port_file),
+    ]
+
+
 class NodeProcess:
     """``python -m dicomnode --config CFG serve --port-file PF`` with its log in a file."""
 
@@ -315,16 +329,7 @@ class NodeProcess:
         self.port_file.unlink(missing_ok=True)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "dicomnode",
-                    "--config",
-                    str(self.config_path),
-                    "serve",
-                    "--port-file",
-                    str(self.port_file),
-                ],
+                serve_argv(self.config_path, self.port_file),
                 cwd=self.workdir,
                 stdout=log,
                 stderr=subprocess.STDOUT,

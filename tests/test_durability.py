@@ -12,7 +12,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from typing import Any
 
 import pydicom
 import pytest
-from e2e_helpers import storescu, wait_for
+from e2e_helpers import serve_argv, storescu, wait_for
 from factories import ct_like, write
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
@@ -139,16 +138,7 @@ class Node:
         port_file.unlink(missing_ok=True)
         with self.log_path.open("ab") as log:
             process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "dicomnode",
-                    "--config",
-                    str(self.config_path),
-                    "serve",
-                    "--port-file",
-                    str(port_file),
-                ],
+                serve_argv(self.config_path, port_file),
                 cwd=REPOSITORY,
                 stdout=log,
                 stderr=subprocess.STDOUT,
