@@ -23,14 +23,11 @@ import pydicom
 from PIL import Image
 from pydicom.uid import JPEG2000Lossless
 
-from dicomnode.imaging import (
-    DecodePool,
-    PreprocessSpec,
-    _decode_frames,
-    _display_transform,
-    _need_for,
-    _resize,
-)
+from dicomnode.imaging.frames import _decode_frames
+from dicomnode.imaging.preprocess import _need_for, _resize
+from dicomnode.imaging.spec import PreprocessSpec
+from dicomnode.imaging.transforms import _display_transform
+from dicomnode.sandbox import DecodePool
 
 
 def _source() -> Path:

@@ -22,14 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dicomnode.models import load_model_package
-from dicomnode.models.densenet import build_densenet121
-from dicomnode.models.install import (
+from dicomnode.lifecycle.install import (
     install_default_model,
     keras_style_input,
     source_package_dir,
     validation_images,
 )
+from dicomnode.models import load_model_package
+from dicomnode.models.densenet import build_densenet121
 from dicomnode.models.runner import ModelRunner
 
 DENSENET_CARD = """

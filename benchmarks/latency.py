@@ -105,7 +105,7 @@ def timing(database: Path, study_instance_uid: str, transfer_syntax_uid: str, st
 
 def run(studies: int, stable_after: float, models_dir: Path | None, workdir: Path) -> list[Timing]:
     if models_dir is None:
-        from dicomnode.models.install import install_default_model
+        from dicomnode.lifecycle.install import install_default_model
 
         models_dir = workdir / "models"
         install_default_model(models_dir, pip_install=False)

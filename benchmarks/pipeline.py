@@ -30,13 +30,13 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 
 from dicomnode.config import config_from_mapping
-from dicomnode.demo import demo_images_dir
-from dicomnode.imaging import DecodePool
-from dicomnode.inference import ModelRegistry
-from dicomnode.models.install import install_default_model
-from dicomnode.queue import InstanceRecord
-from dicomnode.services import open_services
-from dicomnode.worker import DECODE_PROCESSES, Worker
+from dicomnode.lifecycle.demo import demo_images_dir
+from dicomnode.lifecycle.install import install_default_model
+from dicomnode.node.services import open_services
+from dicomnode.queue.jobs import InstanceRecord
+from dicomnode.sandbox import DecodePool
+from dicomnode.work.inference import ModelRegistry
+from dicomnode.work.pipeline import DECODE_PROCESSES, Worker
 
 CR = "1.2.840.10008.5.1.4.1.1.1"
 
@@ -96,8 +96,8 @@ def main() -> None:
             for name, seconds in self.pattern.findall(record.getMessage()):
                 stages[name].append(float(seconds))
 
-    logging.getLogger("dicomnode.worker").addHandler(StageCollector())
-    logging.getLogger("dicomnode.worker").setLevel(logging.INFO)
+    logging.getLogger("dicomnode.work.pipeline").addHandler(StageCollector())
+    logging.getLogger("dicomnode.work.pipeline").setLevel(logging.INFO)
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

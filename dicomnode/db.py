@@ -8,6 +8,7 @@ PostgreSQL through the URL in the configuration. The schema is owned by alembic 
 from __future__ import annotations
 
 import enum
+import os
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+from dicomnode.fsio import syncfs_available
 
 UID_LENGTH = 64  # PS3.5: a UID is at most 64 characters
 
@@ -220,3 +223,26 @@ def make_engine(database_url: str, *, synchronous: str = "FULL") -> Engine:
 def make_sessionmaker(engine: Engine) -> sessionmaker[Any]:
     """Sessions that keep loaded attributes after commit (objects are read after the transaction)."""
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def sqlite_synchronous_for(
+    storage_root: Path, database_url: str, configured: str, flush_mode: str = "syncfs"
+) -> str:
+    """The SQLite ``synchronous`` level to use.
+
+    ``AUTO`` means NORMAL when the SQLite file lives on the spool's filesystem and ``syncfs`` exists:
+    the flush that precedes every acknowledgement then makes the committed WAL durable too. Anywhere
+    else it means FULL, so each commit is flushed by SQLite itself before the acknowledgement.
+    """
+    if configured != "AUTO":
+        return configured
+    if flush_mode != "syncfs" or not syncfs_available() or not database_url.startswith("sqlite:///"):
+        return "FULL"
+    database = Path(database_url.removeprefix("sqlite:///"))
+    folder = database.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    storage = storage_root
+    while not storage.exists() and storage != storage.parent:
+        storage = storage.parent
+    return "NORMAL" if os.stat(folder).st_dev == os.stat(storage).st_dev else "FULL"

@@ -12,8 +12,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from dicomnode.config import Config, config_from_mapping
-from dicomnode.listener import start_listener, stop_listener
-from dicomnode.services import Services, open_services
+from dicomnode.node.services import Services, open_services
+from dicomnode.receive.scp import start_listener, stop_listener
 
 
 def make_config(tmp_path: Path, **sections: Any) -> Config:

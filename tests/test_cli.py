@@ -18,7 +18,7 @@ from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from dicomnode.cli import main
 from dicomnode.db import JobState
-from dicomnode.listener import STATUS_SUCCESS
+from dicomnode.status import Status
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 
@@ -99,9 +99,9 @@ def test_studies_and_status_json(
     older, newer = generate_uid(), generate_uid()
     series = generate_uid()
     first = [ct_like(older, series, i) for i in range(2)]
-    assert send(listener.port, listener.ae_title, first) == [STATUS_SUCCESS] * 2
+    assert send(listener.port, listener.ae_title, first) == [Status.SUCCESS] * 2
     second = [ct_like(newer, generate_uid(), 0)]
-    assert send(listener.port, listener.ae_title, second) == [STATUS_SUCCESS]
+    assert send(listener.port, listener.ae_title, second) == [Status.SUCCESS]
 
     studies = run_json(capsys, "--config", path, "studies", "--json")
     assert isinstance(studies, list)

@@ -207,7 +207,7 @@ def test_routes_are_parsed_into_match_and_regex(tmp_path: Path) -> None:
 
 def test_auto_synchronous_is_full_unless_syncfs_covers_the_database(tmp_path: Path) -> None:
     """AUTO relaxes SQLite's own flush only where the listener's syncfs makes the WAL durable."""
-    from dicomnode.store import sqlite_synchronous_for
+    from dicomnode.db import sqlite_synchronous_for
 
     same = f"sqlite:///{tmp_path}/var/db.sqlite"
     assert sqlite_synchronous_for(tmp_path / "var", same, "AUTO") == "NORMAL"

@@ -12,7 +12,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
 
-from dicomnode.datasets import (
+from dicomnode.lifecycle.datasets import (
     LabelledDataset,
     age_from_dates,
     check_dataset,

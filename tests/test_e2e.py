@@ -56,7 +56,7 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default model installed once per session, plus a model whose forward always raises."""
     if importlib.util.find_spec("pneumonia_model_package") is None:  # installed --no-deps: never import it
         pytest.skip("pneumonia_model_package is not installed")
-    from dicomnode.models.install import install_default_model
+    from dicomnode.lifecycle.install import install_default_model
 
     root = tmp_path_factory.mktemp("models")
     install_default_model(root, pip_install=False)

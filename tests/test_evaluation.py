@@ -14,10 +14,16 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, generate_uid
 from sklearn.metrics import roc_auc_score
 
-from dicomnode.datasets import load_labelled_dataset
-from dicomnode.evaluation import CaseResult, EvaluationResult, choose_threshold, evaluate, write_report
-from dicomnode.evaluation.metrics import bootstrap_auroc_ci, label_metrics, mann_whitney_auroc
-from dicomnode.evaluation.subgroups import age_band, sex_group
+from dicomnode.lifecycle.datasets import load_labelled_dataset
+from dicomnode.lifecycle.evaluation import (
+    CaseResult,
+    EvaluationResult,
+    choose_threshold,
+    evaluate,
+    write_report,
+)
+from dicomnode.lifecycle.evaluation.metrics import bootstrap_auroc_ci, label_metrics, mann_whitney_auroc
+from dicomnode.lifecycle.evaluation.subgroups import age_band, sex_group
 
 # A hand-worked example (see the comments in the tests for the arithmetic).
 PROBS = [0.05, 0.15, 0.35, 0.40, 0.40, 0.62, 0.70, 0.85, 0.90, 0.95]

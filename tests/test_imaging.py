@@ -30,16 +30,15 @@ from pydicom.uid import (
 )
 
 from dicomnode.errors import DecodeTimeoutError, InvalidDatasetError
-from dicomnode.imaging import (
-    DecodePool,
-    PreprocessSpec,
+from dicomnode.imaging.frames import read_header
+from dicomnode.imaging.preprocess import (
     _resize_nearest,
     decode_display_image,
     decode_model_input,
     decode_model_input_and_display,
-    read_header,
-    read_model_input,
 )
+from dicomnode.imaging.spec import PreprocessSpec
+from dicomnode.sandbox import DecodePool, read_model_input
 
 PNEUMONIA_DIR = (
     Path(pydicom.__file__).parent.parent / "pneumonia_model_package" / "datasets" / "pneumonia-data" / "val"

@@ -14,14 +14,14 @@ import pytest
 import torch
 
 from dicomnode.errors import ModelUnavailableError
-from dicomnode.models import load_model_package
-from dicomnode.models.install import (
+from dicomnode.lifecycle.install import (
     install_default_model,
     keras_archive,
     keras_style_input,
     source_package_dir,
     validation_images,
 )
+from dicomnode.models import load_model_package
 from dicomnode.models.runner import ModelRunner
 
 os.environ.setdefault("KERAS_BACKEND", "torch")

@@ -18,7 +18,7 @@ if (
 
 @pytest.fixture(scope="module")
 def default_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from dicomnode.models.install import install_default_model
+    from dicomnode.lifecycle.install import install_default_model
 
     return install_default_model(tmp_path_factory.mktemp("models"), pip_install=False)
 

@@ -9,8 +9,8 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from dicomnode.db import Instance, Job, JobState, make_engine, make_sessionmaker, utcnow
-from dicomnode.queue import ClaimedJob, InstanceRecord, JobQueue, record_or_ignore
-from dicomnode.services import Services
+from dicomnode.node.services import Services
+from dicomnode.queue.jobs import ClaimedJob, InstanceRecord, JobQueue, record_or_ignore
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 STABLE = 10.0

@@ -16,7 +16,7 @@ from test_cli import write_config
 
 from dicomnode.cli import main
 from dicomnode.config import RouteConfig, config_from_mapping
-from dicomnode.routing import route_image
+from dicomnode.work.routing import route_image
 
 
 def header(name: str) -> Dataset:

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode import migrate
 from dicomnode.config import DeliveryConfig, DestinationConfig
 from dicomnode.db import DeliveryState, Job, Outbox, Study, make_engine, make_sessionmaker, utcnow
-from dicomnode.sender import Sender, Verdict, backoff_seconds, classify_status
+from dicomnode.deliver.sender import Sender, Verdict, backoff_seconds, classify_status
 
 STUDY_UID = "1.2.826.0.1.3680043.8.498.1"
 OTHER_STUDY_UID = "1.2.826.0.1.3680043.8.498.2"
@@ -343,7 +343,7 @@ def test_out_of_resources_is_retried_and_rejections_are_dead(
             row_id = add_result(sessions, storage, "CT_small.dcm")
             answers[outbox(sessions, row_id).sop_instance_uid] = status
             ids[status] = row_id
-        caplog.set_level(logging.INFO, logger="dicomnode.sender")
+        caplog.set_level(logging.INFO, logger="dicomnode.deliver.sender")
         assert make_sender(sessions, storage, destination(port, "STATUSSCP")).run_once() == len(statuses)
     finally:
         server.shutdown()

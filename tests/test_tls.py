@@ -15,7 +15,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicomnode.errors import ConfigurationError
-from dicomnode.services import open_services
+from dicomnode.node.services import open_services
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 

@@ -17,10 +17,9 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
 from dicomnode.cli import main as cli_main
 from dicomnode.errors import ConfigurationError
-from dicomnode.imaging import PreprocessSpec, decode_model_input
-from dicomnode.models import load_model_package
-from dicomnode.models.runner import ModelRunner, findings_for
-from dicomnode.models.training import (
+from dicomnode.imaging.preprocess import decode_model_input
+from dicomnode.imaging.spec import PreprocessSpec
+from dicomnode.lifecycle.training import (
     BEST_WEIGHTS,
     LAST_CHECKPOINT,
     SUMMARY_FILE_NAME,
@@ -31,6 +30,8 @@ from dicomnode.models.training import (
     to_toml,
     train,
 )
+from dicomnode.models import load_model_package
+from dicomnode.models.runner import ModelRunner, findings_for
 
 DX_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1.1")  # Digital X-Ray Image Storage - For Presentation
 N_PATIENTS = 40
@@ -304,7 +305,7 @@ def test_card_writer_round_trips_through_tomllib() -> None:
 def test_fine_tuning_the_default_xception_keeps_its_card(dataset_csv: Path, tmp_path: Path) -> None:
     """One epoch of fine-tuning the installed default model writes a package with the base's
     architecture, preprocessing, labels and threshold, and the base named in its provenance."""
-    install = pytest.importorskip("dicomnode.models.install")
+    install = pytest.importorskip("dicomnode.lifecycle.install")
     try:
         base = install.install_default_model(tmp_path / "models", pip_install=False, measure=False)
     except Exception as exc:  # the pneumonia package is not installed here

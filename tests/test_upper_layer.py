@@ -34,10 +34,10 @@ from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[attr-defined]
 
 from dicomnode.db import Instance
-from dicomnode.dimse import C_ECHO_RQ, C_STORE_RQ, NO_DATA_SET, decode_command, encode_response
-from dicomnode.listener import StorageSCP, acceptor_settings
-from dicomnode.services import open_services
-from dicomnode.upper_layer import AcceptorServer
+from dicomnode.net.dimse import C_ECHO_RQ, C_STORE_RQ, NO_DATA_SET, decode_command, encode_response
+from dicomnode.net.upper_layer import AcceptorServer
+from dicomnode.node.services import open_services
+from dicomnode.receive.scp import StorageSCP, acceptor_settings
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 

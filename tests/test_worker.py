@@ -22,10 +22,10 @@ from torch import nn
 from dicomnode.config import Config
 from dicomnode.db import Job, JobState, Outbox, Result
 from dicomnode.findings import StudyFindings
-from dicomnode.imaging import DecodePool
-from dicomnode.queue import InstanceRecord
-from dicomnode.services import Services, open_services
-from dicomnode.worker import Watchdog, Worker, pipeline_chunks
+from dicomnode.node.services import Services, open_services
+from dicomnode.queue.jobs import InstanceRecord
+from dicomnode.sandbox import DecodePool
+from dicomnode.work.pipeline import Watchdog, Worker, pipeline_chunks
 
 VOLUME_CARD = """
 name = "{name}"

@@ -19,7 +19,8 @@ from typing import Any, Literal, cast, get_args
 
 from dicomnode.errors import ConfigurationError
 from dicomnode.findings import CodedConcept, ModelIdentity
-from dicomnode.imaging import FrameSelection, Interpolation, PreprocessSpec
+from dicomnode.fsio import durable_write
+from dicomnode.imaging.spec import FrameSelection, Interpolation, PreprocessSpec
 
 Task = Literal["image-classification", "series-classification"]
 Architecture = Literal["xception", "densenet121", "torchscript"]
@@ -490,5 +491,5 @@ def set_label_threshold(card_path: Path, label: str, threshold: float, note: str
     block.insert(1, f"threshold = {threshold:.6g}")
     new_text = "\n".join([*lines[: target + 1], *block, *lines[end:]]) + "\n"
     card = ModelCard.from_toml(new_text)
-    card_path.write_text(new_text, encoding="utf-8")
+    durable_write(card_path, new_text.encode("utf-8"))
     return card

@@ -4,7 +4,7 @@ Written to reproduce ``keras.applications.Xception`` numerically so that Keras-t
 without TensorFlow: batch norm with Keras' epsilon 1e-3, and Keras' "same" padding, which for a
 stride-2 window on an even-sized input pads only after (right/bottom), unlike torch's symmetric
 padding. Module names follow the Keras layer names (``block2.sepconv1_bn`` for
-``block2_sepconv1_bn``) so that :mod:`dicomnode.models.keras_import` maps weights by name.
+``block2_sepconv1_bn``) so that :mod:`dicomnode.lifecycle.keras_import` maps weights by name.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """One job's result objects for one model, built and encoded in one call: SR, key images, KOS.
 
-Pure: no database, no files. The worker runs it in a report process (:class:`dicomnode.imaging.DecodePool`
+Pure: no database, no files. The worker runs it in a report process (:class:`dicomnode.sandbox.DecodePool`
 with the ``"report"`` operation) so that building the objects, which is Python-bound, runs beside the
 model and the next batch's bookkeeping instead of sharing their interpreter lock.
 """

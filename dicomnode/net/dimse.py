@@ -1,0 +1,151 @@
+"""DIMSE command sets (PS3.7 section 9 and annex E): decoding requests, encoding responses.
+
+A command set is always Implicit VR Little Endian and holds only group 0000 elements, so it is read
+and written here directly rather than through a general dataset: the listener answers every C-STORE
+with one of these and a pydicom Dataset round trip per message cost more than the rest of the
+response path together. Only what a Verification and Storage SCP needs is implemented.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from dicomnode.status import Status
+
+# Command Field values (PS3.7 E.1).
+C_STORE_RQ = 0x0001
+C_ECHO_RQ = 0x0030
+C_CANCEL_RQ = 0x0FFF
+RESPONSE_BIT = 0x8000
+
+# Command Data Set Type: this value means "no data set follows"; any other means one does.
+NO_DATA_SET = 0x0101
+
+_AFFECTED_SOP_CLASS_UID = 0x00000002
+_COMMAND_FIELD = 0x00000100
+_MESSAGE_ID = 0x00000110
+_MESSAGE_ID_BEING_RESPONDED_TO = 0x00000120
+_PRIORITY = 0x00000700
+_COMMAND_DATA_SET_TYPE = 0x00000800
+_STATUS = 0x00000900
+_ERROR_COMMENT = 0x00000902
+_AFFECTED_SOP_INSTANCE_UID = 0x00001000
+_MOVE_ORIGINATOR_AE_TITLE = 0x00001030
+_MOVE_ORIGINATOR_MESSAGE_ID = 0x00001031
+
+_ELEMENT_HEADER = struct.Struct("<HHL")
+
+
+class CommandSetError(ValueError):
+    """A command set that cannot be decoded: a protocol error, answered by aborting the association."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """The fields of a request command set that a Verification and Storage SCP uses."""
+
+    command_field: int
+    message_id: int
+    has_data_set: bool
+    affected_sop_class_uid: str = ""
+    affected_sop_instance_uid: str = ""
+    priority: int = 0
+    move_originator_ae_title: str = ""
+    move_originator_message_id: int | None = None
+
+
+def decode_command(data: bytes | bytearray | memoryview) -> Command:
+    """Decode an Implicit VR Little Endian command set; raise CommandSetError when it is malformed."""
+    view = memoryview(data)
+    values: dict[int, bytes] = {}
+    offset = 0
+    end = len(view)
+    while offset < end:
+        if end - offset < 8:
+            raise CommandSetError("truncated element header in the command set")
+        group, element, length = _ELEMENT_HEADER.unpack_from(view, offset)
+        offset += 8
+        if group != 0x0000:
+            raise CommandSetError(f"element ({group:04X},{element:04X}) outside group 0000 in a command set")
+        if length == 0xFFFFFFFF or offset + length > end:
+            raise CommandSetError(f"element (0000,{element:04X}) runs past the end of the command set")
+        values[element] = bytes(view[offset : offset + length])
+        offset += length
+
+    def us(element: int) -> int | None:
+        raw = values.get(element)
+        if raw is None:
+            return None
+        if len(raw) != 2:
+            raise CommandSetError(f"(0000,{element:04X}) is not a 2-byte US value")
+        return int.from_bytes(raw, "little")
+
+    def text(element: int) -> str:
+        raw = values.get(element, b"")
+        return raw.rstrip(b"\x00 ").decode("ascii", errors="replace").strip()
+
+    command_field = us(_COMMAND_FIELD)
+    if command_field is None:
+        raise CommandSetError("the command set has no Command Field (0000,0100)")
+    data_set_type = us(_COMMAND_DATA_SET_TYPE)
+    if data_set_type is None:
+        raise CommandSetError("the command set has no Command Data Set Type (0000,0800)")
+    return Command(
+        command_field=command_field,
+        message_id=us(_MESSAGE_ID) or 0,
+        has_data_set=data_set_type != NO_DATA_SET,
+        affected_sop_class_uid=text(_AFFECTED_SOP_CLASS_UID),
+        affected_sop_instance_uid=text(_AFFECTED_SOP_INSTANCE_UID),
+        priority=us(_PRIORITY) or 0,
+        move_originator_ae_title=text(_MOVE_ORIGINATOR_AE_TITLE),
+        move_originator_message_id=us(_MOVE_ORIGINATOR_MESSAGE_ID),
+    )
+
+
+def encode_response(
+    request: Command, status: int, *, error_comment: str | None = None, sop_class_uid: str = ""
+) -> bytes:
+    """The response command set to ``request``: C-STORE-RSP, C-ECHO-RSP or any other *-RSP.
+
+    ``error_comment`` (failure statuses only; at most 64 ASCII characters, never patient data) tells
+    the sending operator why. The Affected SOP Class/Instance UIDs echo the request's (``sop_class_uid``, the
+    presentation context's abstract syntax, stands in when the request has none).
+    """
+    elements: list[tuple[int, bytes]] = []
+    affected_class = request.affected_sop_class_uid or sop_class_uid
+    if affected_class:
+        elements.append((_AFFECTED_SOP_CLASS_UID, _uid(affected_class)))
+    elements.append((_COMMAND_FIELD, _us(request.command_field | RESPONSE_BIT)))
+    elements.append((_MESSAGE_ID_BEING_RESPONDED_TO, _us(request.message_id)))
+    elements.append((_COMMAND_DATA_SET_TYPE, _us(NO_DATA_SET)))
+    elements.append((_STATUS, _us(status)))
+    if error_comment and status != Status.SUCCESS:
+        comment = error_comment.encode("ascii", errors="replace")[:64]
+        elements.append((_ERROR_COMMENT, comment + b" " * (len(comment) % 2)))
+    if request.affected_sop_instance_uid and request.command_field == C_STORE_RQ:
+        elements.append((_AFFECTED_SOP_INSTANCE_UID, _uid(request.affected_sop_instance_uid)))
+    body = b"".join(_ELEMENT_HEADER.pack(0, element, len(value)) + value for element, value in elements)
+    return _ELEMENT_HEADER.pack(0, 0, 4) + len(body).to_bytes(4, "little") + body
+
+
+def _us(value: int) -> bytes:
+    return value.to_bytes(2, "little")
+
+
+def _uid(value: str) -> bytes:
+    raw = value.encode("ascii")
+    return raw + b"\x00" * (len(raw) % 2)
+
+
+__all__ = [
+    "C_CANCEL_RQ",
+    "C_ECHO_RQ",
+    "C_STORE_RQ",
+    "NO_DATA_SET",
+    "RESPONSE_BIT",
+    "Command",
+    "CommandSetError",
+    "decode_command",
+    "encode_response",
+]

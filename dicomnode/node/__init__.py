@@ -1,0 +1,1 @@
+"""The node: the supervisor, process plumbing, service wiring and the inventory views."""

@@ -1,0 +1,159 @@
+"""``dicomnode serve``: the listener in this process, workers and the sender as supervised children.
+
+Isolation: a model that crashes, leaks or hangs takes down at most its own worker process; the
+listener keeps receiving and the supervisor starts a new worker. On SIGTERM/SIGINT the listener stops
+accepting, in-flight associations finish, the children are asked to stop, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from dicomnode.config import Config
+from dicomnode.fsio import durable_write
+from dicomnode.node.process import PARENT_PID_ENV, RUNTIME_STATE_FILE, write_runtime_state
+from dicomnode.node.services import open_services
+from dicomnode.receive.recovery import remove_stale_temporaries
+from dicomnode.receive.scp import start_listener, stop_listener
+
+logger = logging.getLogger(__name__)
+
+RESTART_BACKOFF_MAX_SECONDS = 30.0
+
+
+@dataclass
+class Child:
+    """A supervised child process (a worker or the sender)."""
+
+    name: str
+    argv: list[str]
+    process: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    next_start: float = 0.0
+    started_at: float = field(default=0.0)
+
+    def start(self) -> None:
+        env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
+        self.process = subprocess.Popen(self.argv, env=env)
+        self.started_at = time.monotonic()
+        logger.info("%s started (pid %d)", self.name, self.process.pid)
+
+    def poll(self) -> None:
+        """Restart the child when it has exited, with a growing delay if it keeps dying."""
+        now = time.monotonic()
+        if self.process is None:
+            if now >= self.next_start:
+                self.start()
+            return
+        code = self.process.poll()
+        if code is None:
+            return
+        ran_for = now - self.started_at
+        self.restarts = 0 if ran_for > 60 else self.restarts + 1
+        delay = min(RESTART_BACKOFF_MAX_SECONDS, 0.5 * 2**self.restarts)
+        logger.error(
+            "%s exited with code %s after %.1f s; restarting in %.1f s", self.name, code, ran_for, delay
+        )
+        self.process = None
+        self.next_start = now + delay
+
+    def stop(self, timeout: float) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            logger.warning("%s did not stop within %.0f s; killing it", self.name, timeout)
+            self.process.kill()
+            self.process.wait()
+
+
+def child_argv(config: Config, command: str) -> list[str]:
+    argv = [sys.executable, "-m", "dicomnode"]
+    if config.source is not None:
+        argv += ["--config", str(config.source)]
+    return [*argv, command]
+
+
+def listen(config: Config, port: int) -> int:
+    """One more listener process on a shared port (started by ``serve`` when listener_processes > 1)."""
+    from dicomnode.node.process import StopSignal
+
+    services = open_services(config, upgrade=False)
+    store = services.store()
+    server, _scp = start_listener(config.node, store, services.queue, port=port, shared_port=True)
+    stop = StopSignal()
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        stop_listener(server, grace_seconds=30.0)
+        store.close()
+        services.close()
+    return 0
+
+
+def serve(config: Config, *, port_file: Path | None = None, ready: threading.Event | None = None) -> int:
+    """Run the node until SIGTERM/SIGINT; return the exit code."""
+    services = open_services(config, upgrade=True)
+    removed = remove_stale_temporaries(config.storage.path, changed_since=services.queue.newest_activity())
+    if removed:
+        logger.info("removed %d temporary files left by an interrupted write (never acknowledged)", removed)
+    dropped = services.queue.drop_unflushed_instances(config.storage.path)
+    if dropped:
+        logger.warning("forgot %d instances whose file was not complete (never acknowledged)", dropped)
+    store = services.store()
+    shared = config.node.listener_processes > 1
+    server, _scp = start_listener(config.node, store, services.queue, shared_port=shared)
+    host, port = server.server_address[:2]
+    write_runtime_state(config, host, port)
+    if port_file is not None:  # last: it tells a supervisor or a test that the node is ready
+        durable_write(port_file, f"{port}\n".encode())  # atomic: readers never see a partial file
+    children = [
+        Child(f"worker-{i + 1}", child_argv(config, "worker")) for i in range(config.worker.processes)
+    ]
+    if config.destinations:
+        children.append(Child("sender", child_argv(config, "sender")))
+    for index in range(1, config.node.listener_processes):  # more listeners on the same port
+        children.append(Child(f"listener-{index + 1}", [*child_argv(config, "listen"), "--port", str(port)]))
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        logger.info("received %s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    logger.info("dicomnode serving as %s on %s:%d (pid %d)", config.node.ae_title, host, port, os.getpid())
+    if ready is not None:
+        ready.set()
+    try:
+        while not stop.is_set():
+            for child in children:
+                child.poll()
+            stop.wait(0.5)
+    finally:
+        remaining = stop_listener(server, grace_seconds=30.0)
+        if remaining:
+            logger.warning("aborted %d associations still open after the grace period", remaining)
+        for child in children:
+            child.stop(timeout=max(10.0, config.worker.job_timeout_seconds / 10))
+        store.close()
+        services.close()
+        (config.storage.path / RUNTIME_STATE_FILE).unlink(missing_ok=True)
+        for signum, handler in previous.items():
+            with contextlib.suppress(ValueError):
+                signal.signal(signum, handler)
+        logger.info("dicomnode stopped")
+    return 0

@@ -1,0 +1,1 @@
+"""The queue: the only writer of the Job, Outbox and Result tables."""

@@ -1,0 +1,1 @@
+"""Work: routing, inference and the worker pipeline that drains the job queue."""
