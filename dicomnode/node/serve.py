@@ -79,10 +79,13 @@ class Child:
             self.process.wait()
 
 
-def child_argv(config: Config, command: str) -> list[str]:
+def child_argv(config: Config, command: str, log_level: str | None = None) -> list[str]:
+    """The command line of a child process: the same configuration file and the same log level."""
     argv = [sys.executable, "-m", "dicomnode"]
     if config.source is not None:
         argv += ["--config", str(config.source)]
+    if log_level is not None:  # a --log-level override given to serve reaches every child
+        argv += ["--log-level", log_level]
     return [*argv, command]
 
 
@@ -104,8 +107,15 @@ def listen(config: Config, port: int) -> int:
     return 0
 
 
-def serve(config: Config, *, port_file: Path | None = None, ready: threading.Event | None = None) -> int:
-    """Run the node until SIGTERM/SIGINT; return the exit code."""
+def serve(
+    config: Config,
+    *,
+    port_file: Path | None = None,
+    ready: threading.Event | None = None,
+    log_level: str | None = None,
+) -> int:
+    """Run the node until SIGTERM/SIGINT; return the exit code. ``log_level`` overrides
+    ``logging.level`` in the children too."""
     services = open_services(config, upgrade=True)
     removed = remove_stale_temporaries(config.storage.path, changed_since=services.queue.newest_activity())
     if removed:
@@ -121,12 +131,15 @@ def serve(config: Config, *, port_file: Path | None = None, ready: threading.Eve
     if port_file is not None:  # last: it tells a supervisor or a test that the node is ready
         durable_write(port_file, f"{port}\n".encode())  # atomic: readers never see a partial file
     children = [
-        Child(f"worker-{i + 1}", child_argv(config, "worker")) for i in range(config.worker.processes)
+        Child(f"worker-{i + 1}", child_argv(config, "worker", log_level))
+        for i in range(config.worker.processes)
     ]
     if config.destinations:
-        children.append(Child("sender", child_argv(config, "sender")))
+        children.append(Child("sender", child_argv(config, "sender", log_level)))
     for index in range(1, config.node.listener_processes):  # more listeners on the same port
-        children.append(Child(f"listener-{index + 1}", [*child_argv(config, "listen"), "--port", str(port)]))
+        children.append(
+            Child(f"listener-{index + 1}", [*child_argv(config, "listen", log_level), "--port", str(port)])
+        )
 
     stop = threading.Event()
 

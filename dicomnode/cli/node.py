@@ -1,0 +1,219 @@
+"""Commands that run or inspect the node: serve, worker, listen, sender, studies, status, echo, db, retry."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from dicomnode.cli._output import EXIT_FAILURE, EXIT_OK, print_json
+from dicomnode.config import Config
+from dicomnode.net.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+
+logger = logging.getLogger("dicomnode")
+
+
+def cmd_serve(config: Config, args: argparse.Namespace) -> int:
+    from dicomnode.node.serve import serve
+
+    _warn_missing_models(config)
+    return serve(config, port_file=Path(args.port_file) if args.port_file else None, log_level=args.log_level)
+
+
+def cmd_worker(config: Config, args: argparse.Namespace) -> int:
+    from dicomnode.node.process import die_with_parent
+
+    die_with_parent()  # before importing torch: a supervisor that died meanwhile leaves no orphan
+    from dicomnode.work.pipeline import run_worker
+
+    return run_worker(config, burst=args.burst)
+
+
+def cmd_listen(config: Config, args: argparse.Namespace) -> int:
+    from dicomnode.node.process import die_with_parent
+
+    die_with_parent()
+    from dicomnode.node.serve import listen
+
+    return listen(config, args.port)
+
+
+def cmd_sender(config: Config, args: argparse.Namespace) -> int:
+    from dicomnode.node.process import die_with_parent
+
+    die_with_parent()
+    from dicomnode.deliver.sender import run_sender
+
+    return run_sender(config, burst=args.burst)
+
+
+def cmd_studies(config: Config, args: argparse.Namespace) -> int:
+    from dicomnode.node.inventory import list_studies
+    from dicomnode.node.services import open_services
+
+    services = open_services(config, upgrade=False)
+    try:
+        studies = list_studies(services.sessions, config.storage.path)
+    finally:
+        services.close()
+    if args.json:
+        print_json(studies)
+        return EXIT_OK
+    if not studies:
+        print("no studies")
+        return EXIT_OK
+    print(f"{'study instance uid':<64}  {'state':<12} {'instances':>9}  last received")
+    for study in studies:
+        print(
+            f"{study['study_instance_uid']:<64}  {study['state']:<12} {len(study['instances']):>9}  "
+            f"{study['last_received_at']}"
+        )
+    return EXIT_OK
+
+
+def cmd_status(config: Config, args: argparse.Namespace) -> int:
+    from dicomnode.node.inventory import node_status
+    from dicomnode.node.services import open_services
+
+    services = open_services(config, upgrade=False)
+    try:
+        status = node_status(services.sessions, config)
+    finally:
+        services.close()
+    if args.json:
+        print_json(status)
+        return EXIT_OK
+    listener = status["listener"]
+    print(f"listener: {listener['ae_title']} on {listener['host']}:{listener['port']}")
+    print(f"studies: {status['studies']}  instances: {status['instances']}")
+    print("jobs: " + ", ".join(f"{k} {v}" for k, v in status["jobs"].items()))
+    print("deliveries: " + ", ".join(f"{k} {v}" for k, v in status["deliveries"].items()))
+    disk = status["disk"]
+    print(
+        f"disk: {disk['used_bytes'] / 1e6:.1f} MB stored, {disk['free_bytes'] / 1e9:.1f} GB free "
+        f"(floor {config.node.min_free_disk_mb} MB)"
+    )
+    return EXIT_OK
+
+
+def cmd_echo(config: Config, args: argparse.Namespace) -> int:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    ae = AE(ae_title=args.calling_ae or config.node.ae_title)
+    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = args.timeout
+    assoc = ae.associate(args.host, args.port, ae_title=args.ae_title)
+    if not assoc.is_established:
+        print(
+            f"C-ECHO to {args.ae_title}@{args.host}:{args.port}: association "
+            f"{'rejected' if assoc.is_rejected else 'failed'}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
+    status = assoc.send_c_echo()
+    assoc.release()
+    code = getattr(status, "Status", None)
+    if code == 0:
+        print(f"C-ECHO to {args.ae_title}@{args.host}:{args.port}: success")
+        return EXIT_OK
+    print(f"C-ECHO to {args.ae_title}@{args.host}:{args.port}: status {code!r}", file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def cmd_db(config: Config, args: argparse.Namespace) -> int:
+    from dicomnode import migrate
+    from dicomnode.node.services import database_engine
+
+    engine = database_engine(config)
+    try:
+        if args.action == "upgrade":
+            migrate.upgrade(engine, args.revision or "head")
+        elif args.action == "downgrade":
+            migrate.downgrade(engine, args.revision or "base")
+        else:
+            migrate.check(engine)
+    finally:
+        engine.dispose()
+    print(f"database {args.action}: done")
+    return EXIT_OK
+
+
+def cmd_retry(config: Config, args: argparse.Namespace) -> int:
+    from dicomnode.node.inventory import retry
+    from dicomnode.node.services import open_services
+
+    services = open_services(config, upgrade=False)
+    try:
+        jobs, deliveries = retry(services, args.target)
+    finally:
+        services.close()
+    print(f"requeued {jobs} failed jobs and {deliveries} deliveries for {args.target}")
+    return EXIT_OK if jobs or deliveries else EXIT_FAILURE
+
+
+def _warn_missing_models(config: Config) -> None:
+    models_dir = config.models.path
+    for route in config.routes:
+        if not (models_dir / route.model / "model.toml").exists():
+            logger.warning(
+                "model %r (route %r) is not installed in %s; images it would read get no result. "
+                "Install the default model with: dicomnode models install-default",
+                route.model,
+                route.name,
+                models_dir,
+            )
+
+
+def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """Register the node's subcommands on the main parser."""
+    p = sub.add_parser("serve", parents=[common], help="run the listener, workers and sender until SIGTERM")
+    p.add_argument("--port-file", help="write the bound port here (useful with node.port = 0)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "worker", parents=[common], help="run one inference worker (serve starts these itself)"
+    )
+    p.add_argument("--burst", action="store_true", help="drain the queue once and exit")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser(
+        "listen", parents=[common], help="an extra listener on a shared port (serve starts these)"
+    )
+    p.add_argument("--port", type=int, required=True, help="the port the first listener bound")
+    p.set_defaults(func=cmd_listen)
+
+    p = sub.add_parser("sender", parents=[common], help="run the result sender (serve starts it itself)")
+    p.add_argument("--burst", action="store_true", help="deliver what is due once and exit")
+    p.set_defaults(func=cmd_sender)
+
+    p = sub.add_parser("studies", parents=[common], help="list the studies held, newest first")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_studies)
+
+    p = sub.add_parser("status", parents=[common], help="counts by state, disk use, listener address")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("echo", parents=[common], help="C-ECHO a DICOM peer")
+    p.add_argument("host")
+    p.add_argument("port", type=int)
+    p.add_argument("ae_title", help="the peer's (called) AE title")
+    p.add_argument("--calling-ae", help="our AE title (default node.ae_title)")
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.set_defaults(func=cmd_echo)
+
+    p = sub.add_parser("db", parents=[common], help="database migrations")
+    p.add_argument("action", choices=["upgrade", "downgrade", "check"])
+    p.add_argument("revision", nargs="?")
+    p.set_defaults(func=cmd_db)
+
+    p = sub.add_parser(
+        "retry", parents=[common], help="send again / rerun what failed for a job id or a study instance uid"
+    )
+    p.add_argument("target", help="job id (a number) or Study Instance UID")
+    p.set_defaults(func=cmd_retry)
