@@ -12,7 +12,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -210,7 +210,6 @@ class Config:
     delivery: DeliveryConfig
     destinations: tuple[DestinationConfig, ...]
     log_level: str = "INFO"
-    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
 def default_config_path() -> Path:
@@ -309,7 +308,6 @@ def config_from_mapping(data: Mapping[str, Any], *, base_dir: Path, source: Path
         ),
         destinations=_destinations(data.get("destinations", DEFAULTS["destinations"]), base_dir),
         log_level=_choice(logging_, "logging.level", ("DEBUG", "INFO", "WARNING", "ERROR")),
-        raw=data,
     )
     if config.delivery.retry_max_seconds < config.delivery.retry_initial_seconds:
         raise ConfigurationError("delivery.retry_max_seconds", "must not be below retry_initial_seconds")

@@ -7,8 +7,14 @@ dataclasses with a JSON round trip and no dependency on torch, pydicom or the da
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from dicomnode.models.card import ModelCard
 
 
 @dataclass(frozen=True)
@@ -136,3 +142,28 @@ def study_level(images: list[ImageFindings]) -> tuple[LabelFinding, ...]:
             if current is None or finding.probability > current.probability:
                 best[finding.label] = finding
     return tuple(best[k] for k in sorted(best))
+
+
+def findings_for(probabilities: Sequence[float] | np.ndarray, card: ModelCard) -> list[LabelFinding]:
+    """One :class:`LabelFinding` per card label from one row of model probabilities.
+
+    The threshold decision lives here, not beside the network, so deciding needs no torch."""
+    row = np.asarray(probabilities, dtype=np.float64).reshape(-1)
+    if row.shape[0] != len(card.labels):
+        raise ValueError(f"{row.shape[0]} probabilities for {len(card.labels)} labels")
+    if not np.all(np.isfinite(row)):
+        raise ValueError("probabilities must be finite")
+    findings = []
+    for label, value in zip(card.labels, row, strict=True):
+        probability = float(min(max(value, 0.0), 1.0))  # float rounding may step just outside 0..1
+        findings.append(
+            LabelFinding(
+                label=label.name,
+                display_name=label.display_name,
+                concept=label.concept,
+                probability=probability,
+                threshold=label.threshold,
+                present=probability >= label.threshold,
+            )
+        )
+    return findings

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from dicomnode.errors import ConfigurationError, ModelUnavailableError
+from dicomnode.findings import findings_for
 from dicomnode.lifecycle.install import (
     ValidationImage,
     install_default_model,
@@ -27,7 +28,7 @@ from dicomnode.models import DEFAULT_MODEL_NAME, ModelPackage, discover_models, 
 from dicomnode.models.card import ModelCard, device_observer_uid
 from dicomnode.models.densenet import build_densenet121
 from dicomnode.models.gradcam import grad_cam, grad_cam_batch, grad_cam_from_features, grad_cam_map
-from dicomnode.models.runner import ModelRunner, findings_for
+from dicomnode.models.runner import ModelRunner
 from dicomnode.models.xception import SameMaxPool2d, same_padding
 
 MINIMAL_CARD = """

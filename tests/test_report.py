@@ -31,16 +31,12 @@ from dicomnode.findings import (
     StudyFindings,
     study_level,
 )
-from dicomnode.report import (
-    DocumentReference,
-    build_key_image,
-    build_key_object_selection,
-    build_sr,
-    derive_uid,
-    sr_uids,
-)
+from dicomnode.imaging.overlay import blend_heatmap
 from dicomnode.report.bundle import KeyImageInput, build_result_objects
-from dicomnode.report.key_image import blend_heatmap
+from dicomnode.report.key_image import build_key_image
+from dicomnode.report.key_object import build_key_object_selection
+from dicomnode.report.sr import DocumentReference, build_sr, sr_uids
+from dicomnode.report.uids import derive_uid
 
 try:
     from tests.corpus import find

@@ -15,23 +15,23 @@ import torch
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 
+from dicomnode._toml import to_toml
 from dicomnode.cli import main as cli_main
 from dicomnode.errors import ConfigurationError
+from dicomnode.findings import findings_for
 from dicomnode.imaging.preprocess import decode_model_input
 from dicomnode.imaging.spec import PreprocessSpec
-from dicomnode.lifecycle.training import (
+from dicomnode.lifecycle.training.config import (
     BEST_WEIGHTS,
     LAST_CHECKPOINT,
     SUMMARY_FILE_NAME,
     TO_BE_COMPLETED,
-    InputScaling,
     TrainConfig,
-    augment_batch,
-    to_toml,
-    train,
 )
+from dicomnode.lifecycle.training.data import InputScaling, augment_batch
+from dicomnode.lifecycle.training.loop import train
 from dicomnode.models import load_model_package
-from dicomnode.models.runner import ModelRunner, findings_for
+from dicomnode.models.runner import ModelRunner
 
 DX_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1.1")  # Digital X-Ray Image Storage - For Presentation
 N_PATIENTS = 40

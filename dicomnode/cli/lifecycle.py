@@ -159,7 +159,7 @@ def cmd_threshold(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_train(config: Config, args: argparse.Namespace) -> int:
-    from dicomnode.lifecycle.training import train
+    from dicomnode.lifecycle.training.loop import train
 
     path = train(args.train_config, progress=not args.no_progress)
     print(f"model package written to {path}")

@@ -185,7 +185,7 @@ def cmd_explain(config: Config, args: argparse.Namespace) -> int:
     from PIL import Image
 
     from dicomnode.imaging.frames import read_header
-    from dicomnode.report.key_image import blend_heatmap
+    from dicomnode.imaging.overlay import blend_heatmap
     from dicomnode.sandbox import DecodePool
     from dicomnode.work.inference import ImageInput, ModelRegistry, compute_heatmaps, predict
     from dicomnode.work.routing import RouteDecision

@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import io
-import json
 import logging
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dicomnode._toml import toml_value
 from dicomnode.errors import ModelUnavailableError
 from dicomnode.fsio import durable_write
 from dicomnode.lifecycle.keras_import import ConvertedXception, convert_keras_xception
@@ -230,11 +230,6 @@ def atomic_torch_save(state: Any, path: Path) -> None:
     durable_write(path, buffer.getbuffer())
 
 
-def _q(text: str) -> str:
-    """A TOML basic string (JSON string escapes are valid TOML escapes)."""
-    return json.dumps(text, ensure_ascii=False)
-
-
 def default_card_toml(
     converted: ConvertedXception, archive_name: str, accuracy: tuple[int, int] | None
 ) -> str:
@@ -243,8 +238,9 @@ def default_card_toml(
         "[[card.performance.measurements]]",
         'metric = "accuracy"',
         "value = 0.861",
-        f"dataset = {_q(REPORTED_DATASET)}",
-        f"source = {_q(f'reported by {SOURCE_DISTRIBUTION} {SOURCE_VERSION} (model file {archive_name})')}",
+        f"dataset = {toml_value(REPORTED_DATASET)}",
+        "source = "
+        + toml_value(f"reported by {SOURCE_DISTRIBUTION} {SOURCE_VERSION} (model file {archive_name})"),
         "",
     ]
     if accuracy is not None:
@@ -254,18 +250,18 @@ def default_card_toml(
             'metric = "accuracy"',
             f"value = {correct / total:.4f}",
             f"n = {total}",
-            f"dataset = {_q(MEASURED_DATASET.format(total=total))}",
-            f"source = {_q('measured by dicomnode at install time on the converted torch model')}",
+            f"dataset = {toml_value(MEASURED_DATASET.format(total=total))}",
+            f"source = {toml_value('measured by dicomnode at install time on the converted torch model')}",
             "",
         ]
     for metric, value, interval in NODE_MEASUREMENTS:
         measurements += [
             "[[card.performance.measurements]]",
-            f"metric = {_q(metric)}",
+            f"metric = {toml_value(metric)}",
             f"value = {value}",
             "n = 16",
-            f"dataset = {_q(NODE_DATASET + f' 95 % CI {interval}.')}",
-            f"source = {_q(NODE_SOURCE)}",
+            f"dataset = {toml_value(NODE_DATASET + f' 95 % CI {interval}.')}",
+            f"source = {toml_value(NODE_SOURCE)}",
             "",
         ]
     summary = (
@@ -281,12 +277,12 @@ def default_card_toml(
         [
             "# dicomnode model card: the default model, converted from pneumonia_model_package 0.3.0.",
             "# Written by dicomnode.lifecycle.install; see docs/models.md for every key.",
-            f"name = {_q(DEFAULT_MODEL_NAME)}",
-            f"version = {_q(SOURCE_VERSION)}",
-            f"display_name = {_q('Paediatric pneumonia classifier (Xception, research use only)')}",
+            f"name = {toml_value(DEFAULT_MODEL_NAME)}",
+            f"version = {toml_value(SOURCE_VERSION)}",
+            f"display_name = {toml_value('Paediatric pneumonia classifier (Xception, research use only)')}",
             'task = "image-classification"',
             'architecture = "xception"',
-            f"weights = {_q(WEIGHTS_FILE_NAME)}",
+            f"weights = {toml_value(WEIGHTS_FILE_NAME)}",
             "# Two logits out: index 0 NORMAL, index 1 PNEUMONIA (trained with from_logits=True).",
             'output_activation = "softmax"',
             "",
@@ -320,15 +316,15 @@ def default_card_toml(
             'views = ["AP", "PA"]',
             "",
             "[card]",
-            f"trained_by = {_q(CARD_TRAINED_BY)}",
-            f"training_data = {_q(CARD_TRAINING_DATA)}",
-            f"intended_use = {_q(CARD_INTENDED_USE)}",
-            f"limitations = {_q(CARD_LIMITATIONS)}",
-            f"licence = {_q(CARD_LICENCE)}",
+            f"trained_by = {toml_value(CARD_TRAINED_BY)}",
+            f"training_data = {toml_value(CARD_TRAINING_DATA)}",
+            f"intended_use = {toml_value(CARD_INTENDED_USE)}",
+            f"limitations = {toml_value(CARD_LIMITATIONS)}",
+            f"licence = {toml_value(CARD_LICENCE)}",
             "not_for_clinical_use = true",
             "",
             "[card.performance]",
-            f"summary = {_q(summary)}",
+            f"summary = {toml_value(summary)}",
             "",
             *measurements,
         ]

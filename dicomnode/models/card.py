@@ -9,7 +9,6 @@ licence). It is read without torch so that listing models stays cheap. Every val
 
 from __future__ import annotations
 
-import math
 import tomllib
 import uuid
 from collections.abc import Mapping
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, cast, get_args
 
+from dicomnode._toml import Table
 from dicomnode.errors import ConfigurationError
 from dicomnode.findings import CodedConcept, ModelIdentity
 from dicomnode.fsio import durable_write
@@ -152,106 +152,6 @@ def device_observer_uid(name: str, version: str) -> str:
     return f"2.25.{uuid.uuid5(DEVICE_OBSERVER_NAMESPACE, f'{name}/{version}').int}"
 
 
-# --- parsing helpers ------------------------------------------------------------------------------
-
-
-def _check_keys(table: Mapping[str, Any], allowed: set[str], prefix: str) -> None:
-    for key in table:
-        if key not in allowed:
-            raise ConfigurationError(
-                _join(prefix, key), f"unknown key (allowed: {', '.join(sorted(allowed))})"
-            )
-
-
-def _join(prefix: str, key: str) -> str:
-    return f"{prefix}.{key}" if prefix else key
-
-
-def _str(table: Mapping[str, Any], key: str, prefix: str, default: str | None = None) -> str:
-    value = table.get(key, default)
-    if value is None:
-        raise ConfigurationError(_join(prefix, key), "is required")
-    if not isinstance(value, str):
-        raise ConfigurationError(_join(prefix, key), f"must be a string, not {type(value).__name__}")
-    return value
-
-
-def _nonempty(table: Mapping[str, Any], key: str, prefix: str) -> str:
-    value = _str(table, key, prefix)
-    if not value.strip():
-        raise ConfigurationError(_join(prefix, key), "must not be empty")
-    return value
-
-
-def _choice(
-    table: Mapping[str, Any], key: str, prefix: str, choices: tuple[str, ...], default: str | None = None
-) -> str:
-    value = _str(table, key, prefix, default)
-    if value not in choices:
-        raise ConfigurationError(_join(prefix, key), f"{value!r} is not one of {', '.join(choices)}")
-    return value
-
-
-def _float(table: Mapping[str, Any], key: str, prefix: str, default: float | None = None) -> float:
-    value = table.get(key, default)
-    if value is None:
-        raise ConfigurationError(_join(prefix, key), "is required")
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigurationError(_join(prefix, key), "must be a finite number")
-    return float(value)
-
-
-def _int(
-    table: Mapping[str, Any], key: str, prefix: str, default: int | None = None, minimum: int = 0
-) -> int:
-    value = table.get(key, default)
-    if value is None:
-        raise ConfigurationError(_join(prefix, key), "is required")
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ConfigurationError(_join(prefix, key), "must be an integer")
-    if value < minimum:
-        raise ConfigurationError(_join(prefix, key), f"must be >= {minimum}")
-    return value
-
-
-def _bool(table: Mapping[str, Any], key: str, prefix: str, default: bool) -> bool:
-    value = table.get(key, default)
-    if not isinstance(value, bool):
-        raise ConfigurationError(_join(prefix, key), "must be true or false")
-    return value
-
-
-def _table(table: Mapping[str, Any], key: str, prefix: str, required: bool = False) -> Mapping[str, Any]:
-    value = table.get(key)
-    if value is None:
-        if required:
-            raise ConfigurationError(_join(prefix, key), "is required")
-        return {}
-    if not isinstance(value, dict):
-        raise ConfigurationError(_join(prefix, key), "must be a table")
-    return cast(Mapping[str, Any], value)
-
-
-def _str_tuple(table: Mapping[str, Any], key: str, prefix: str) -> tuple[str, ...]:
-    value = table.get(key, [])
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigurationError(_join(prefix, key), "must be a list of strings")
-    return tuple(value)
-
-
-def _float_tuple(table: Mapping[str, Any], key: str, prefix: str, length: int) -> tuple[float, ...] | None:
-    value = table.get(key)
-    if value is None:
-        return None
-    if (
-        not isinstance(value, list)
-        or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
-        or len(value) not in (1, length)
-    ):
-        raise ConfigurationError(_join(prefix, key), f"must be a list of 1 or {length} numbers")
-    return tuple(float(v) for v in value)
-
-
 # --- the card -------------------------------------------------------------------------------------
 
 _TOP_KEYS = {
@@ -266,34 +166,33 @@ _CARD_KEYS = {
 
 def parse_card(data: Mapping[str, Any]) -> ModelCard:
     """Validate the decoded TOML of a model card; errors name the offending key."""
-    _check_keys(data, _TOP_KEYS, "")
-    name = _nonempty(data, "name", "")
+    top = Table(data)
+    top.check_keys(_TOP_KEYS)
+    name = top.string("name", nonempty=True)
     if any(c in name for c in "/\\\0") or name in (".", ".."):
-        raise ConfigurationError("name", "must not contain path separators")
-    version = _nonempty(data, "version", "")
-    task = cast(Task, _choice(data, "task", "", get_args(Task), "image-classification"))
-    architecture = cast(Architecture, _choice(data, "architecture", "", get_args(Architecture)))
-    weights = _nonempty(data, "weights", "")
+        raise top.error("name", "must not contain path separators")
+    version = top.string("version", nonempty=True)
+    task = cast(Task, top.choice("task", get_args(Task), "image-classification"))
+    architecture = cast(Architecture, top.choice("architecture", get_args(Architecture)))
+    weights = top.string("weights", nonempty=True)
     if Path(weights).is_absolute() or ".." in Path(weights).parts:
-        raise ConfigurationError("weights", "must be a file name inside the package folder")
-    activation = cast(OutputActivation, _choice(data, "output_activation", "", get_args(OutputActivation)))
+        raise top.error("weights", "must be a file name inside the package folder")
+    activation = cast(OutputActivation, top.choice("output_activation", get_args(OutputActivation)))
 
-    parameters = _architecture_parameters(
-        _table(data, "architecture_parameters", "", required=True), architecture
-    )
-    preprocessing = _preprocessing(_table(data, "preprocessing", "", required=True))
+    parameters = _architecture_parameters(top.table("architecture_parameters", required=True), architecture)
+    preprocessing = _preprocessing(top.table("preprocessing", required=True))
     if preprocessing.channels != parameters["in_channels"]:
         raise ConfigurationError("preprocessing.channels", "must equal architecture_parameters.in_channels")
     labels = _labels(data.get("labels"), int(parameters["num_classes"]))
-    applies = _table(data, "applies_to", "")
-    _check_keys(applies, {"modalities", "body_parts", "views"}, "applies_to")
-    card = _table(data, "card", "")
-    _check_keys(card, _CARD_KEYS, "card")
+    applies = top.table("applies_to")
+    applies.check_keys({"modalities", "body_parts", "views"})
+    card = top.table("card")
+    card.check_keys(_CARD_KEYS)
 
     return ModelCard(
         name=name,
         version=version,
-        display_name=_str(data, "display_name", "", name),
+        display_name=top.string("display_name", name),
         task=task,
         architecture=architecture,
         architecture_parameters=parameters,
@@ -302,37 +201,35 @@ def parse_card(data: Mapping[str, Any]) -> ModelCard:
         labels=labels,
         preprocessing=preprocessing,
         applies_to=AppliesTo(
-            modalities=_str_tuple(applies, "modalities", "applies_to"),
-            body_parts=_str_tuple(applies, "body_parts", "applies_to"),
-            views=_str_tuple(applies, "views", "applies_to"),
+            modalities=applies.strings("modalities"),
+            body_parts=applies.strings("body_parts"),
+            views=applies.strings("views"),
         ),
-        manufacturer=_str(data, "manufacturer", "", "dicomnode"),
-        trained_by=_str(card, "trained_by", "card", ""),
-        training_data=_str(card, "training_data", "card", ""),
-        intended_use=_str(card, "intended_use", "card", ""),
-        limitations=_str(card, "limitations", "card", ""),
-        licence=_str(card, "licence", "card", ""),
-        not_for_clinical_use=_bool(card, "not_for_clinical_use", "card", True),
-        performance=_performance(_table(card, "performance", "card")),
+        manufacturer=top.string("manufacturer", "dicomnode"),
+        trained_by=card.string("trained_by", ""),
+        training_data=card.string("training_data", ""),
+        intended_use=card.string("intended_use", ""),
+        limitations=card.string("limitations", ""),
+        licence=card.string("licence", ""),
+        not_for_clinical_use=card.boolean("not_for_clinical_use", True),
+        performance=_performance(card.table("performance")),
     )
 
 
-def _architecture_parameters(table: Mapping[str, Any], architecture: str) -> dict[str, int | float | str]:
-    prefix = "architecture_parameters"
-    allowed = _ARCHITECTURE_PARAMETERS[architecture]
-    _check_keys(table, set(allowed), prefix)
+def _architecture_parameters(table: Table, architecture: str) -> dict[str, int | float | str]:
+    table.check_keys(set(_ARCHITECTURE_PARAMETERS[architecture]))
     result: dict[str, int | float | str] = {
-        "num_classes": _int(table, "num_classes", prefix, minimum=1),
-        "in_channels": _int(table, "in_channels", prefix, minimum=1),
+        "num_classes": table.integer("num_classes", low=1),
+        "in_channels": table.integer("in_channels", low=1),
     }
     if architecture == "xception":
-        result["hidden_units"] = _int(table, "hidden_units", prefix, default=0)
-        result["dropout"] = _float(table, "dropout", prefix, default=0.0)
+        result["hidden_units"] = table.integer("hidden_units", 0, low=0)
+        result["dropout"] = table.number("dropout", 0.0)
     elif architecture == "densenet121":
-        result["dropout"] = _float(table, "dropout", prefix, default=0.0)
-        result["key_layout"] = _choice(table, "key_layout", prefix, DENSENET_KEY_LAYOUTS, "monai")
+        result["dropout"] = table.number("dropout", 0.0)
+        result["key_layout"] = table.choice("key_layout", DENSENET_KEY_LAYOUTS, "monai")
     if "dropout" in result and not 0.0 <= float(result["dropout"]) < 1.0:
-        raise ConfigurationError(f"{prefix}.dropout", "must be in [0, 1)")
+        raise table.error("dropout", "must be in [0, 1)")
     return result
 
 
@@ -342,56 +239,47 @@ _OPTIONAL_PREPROCESS_KEYS = {f.name for f in fields(PreprocessSpec)} & {
 }
 
 
-def _preprocessing(table: Mapping[str, Any]) -> PreprocessSpec:
-    prefix = "preprocessing"
-    _check_keys(
-        table,
+def _preprocessing(table: Table) -> PreprocessSpec:
+    table.check_keys(
         {"size", "channels", "interpolation", "scale", "offset", "mean", "std", "quantize_8bit", "frames"}
-        | _OPTIONAL_PREPROCESS_KEYS,
-        prefix,
+        | _OPTIONAL_PREPROCESS_KEYS
     )
-    size = table.get("size")
+    size = table.data.get("size")
     if (
         not isinstance(size, list)
         or len(size) != 2
         or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)
     ):
-        raise ConfigurationError(f"{prefix}.size", "must be [rows, columns], two positive integers")
-    channels = _int(table, "channels", prefix, default=3, minimum=1)
+        raise table.error("size", "must be [rows, columns], two positive integers")
+    channels = table.integer("channels", 3, low=1)
     if channels not in (1, 3):
-        raise ConfigurationError(f"{prefix}.channels", "must be 1 or 3")
-    mean = _float_tuple(table, "mean", prefix, channels)
-    std = _float_tuple(table, "std", prefix, channels)
+        raise table.error("channels", "must be 1 or 3")
+    mean = table.numbers("mean", (1, channels))
+    std = table.numbers("std", (1, channels))
     if (mean is None) != (std is None):
-        raise ConfigurationError(
-            f"{prefix}.std" if std is None else f"{prefix}.mean", "mean and std go together"
-        )
+        raise table.error("std" if std is None else "mean", "mean and std go together")
     if std is not None and any(s <= 0 for s in std):
-        raise ConfigurationError(f"{prefix}.std", "must be positive")
-    scale = _float(table, "scale", prefix, 1.0)
+        raise table.error("std", "must be positive")
+    scale = table.number("scale", 1.0)
     if scale == 0:
-        raise ConfigurationError(f"{prefix}.scale", "must not be zero")
+        raise table.error("scale", "must not be zero")
     # Decoder tuning the imaging stage offers (reduced-resolution decode); passed only when given.
     extra: dict[str, Any] = {}
     if "reduced_decode" in table:
-        extra["reduced_decode"] = _bool(table, "reduced_decode", prefix, True)
+        extra["reduced_decode"] = table.boolean("reduced_decode", True)
     if "reduced_decode_margin" in table:
-        extra["reduced_decode_margin"] = _float(table, "reduced_decode_margin", prefix)
-        if extra["reduced_decode_margin"] < 1.0:
-            raise ConfigurationError(f"{prefix}.reduced_decode_margin", "must be >= 1")
+        extra["reduced_decode_margin"] = table.number("reduced_decode_margin", low=1.0)
     return PreprocessSpec(
         **extra,
         size=(size[0], size[1]),
         channels=channels,
-        interpolation=cast(
-            Interpolation, _choice(table, "interpolation", prefix, get_args(Interpolation), "bilinear")
-        ),
+        interpolation=cast(Interpolation, table.choice("interpolation", get_args(Interpolation), "bilinear")),
         scale=scale,
-        offset=_float(table, "offset", prefix, 0.0),
+        offset=table.number("offset", 0.0),
         mean=mean,
         std=std,
-        quantize_8bit=_bool(table, "quantize_8bit", prefix, False),
-        frames=cast(FrameSelection, _choice(table, "frames", prefix, get_args(FrameSelection), "first")),
+        quantize_8bit=table.boolean("quantize_8bit", False),
+        frames=cast(FrameSelection, table.choice("frames", get_args(FrameSelection), "first")),
     )
 
 
@@ -399,32 +287,24 @@ def _labels(value: Any, num_classes: int) -> tuple[LabelSpec, ...]:
     if not isinstance(value, list) or not value:
         raise ConfigurationError("labels", "at least one [[labels]] table is required")
     labels: list[LabelSpec] = []
-    for i, item in enumerate(value):
-        prefix = f"labels[{i}]"
-        if not isinstance(item, dict):
-            raise ConfigurationError(prefix, "must be a table")
-        _check_keys(
-            item, {"name", "display_name", "code", "code_meaning", "threshold", "output_index"}, prefix
-        )
-        name = _nonempty(item, "name", prefix)
+    for i, raw in enumerate(value):
+        item = Table.of(raw, f"labels[{i}]")
+        item.check_keys({"name", "display_name", "code", "code_meaning", "threshold", "output_index"})
+        name = item.string("name", nonempty=True)
         try:
-            concept = CodedConcept.parse(_str(item, "code", prefix), _nonempty(item, "code_meaning", prefix))
+            concept = CodedConcept.parse(item.string("code"), item.string("code_meaning", nonempty=True))
         except ValueError as exc:
-            raise ConfigurationError(f"{prefix}.code", str(exc)) from exc
-        threshold = _float(item, "threshold", prefix, 0.5)
-        if not 0.0 <= threshold <= 1.0:
-            raise ConfigurationError(f"{prefix}.threshold", "must be in [0, 1]")
-        output_index = _int(item, "output_index", prefix)
+            raise item.error("code", str(exc)) from exc
+        threshold = item.number("threshold", 0.5, low=0.0, high=1.0)
+        output_index = item.integer("output_index", low=0)
         if output_index >= num_classes:
-            raise ConfigurationError(
-                f"{prefix}.output_index", f"{output_index} is outside the {num_classes} network outputs"
-            )
+            raise item.error("output_index", f"{output_index} is outside the {num_classes} network outputs")
         if any(existing.name == name for existing in labels):
-            raise ConfigurationError(f"{prefix}.name", f"duplicate label {name!r}")
+            raise item.error("name", f"duplicate label {name!r}")
         labels.append(
             LabelSpec(
                 name=name,
-                display_name=_str(item, "display_name", prefix, name),
+                display_name=item.string("display_name", name),
                 concept=concept,
                 threshold=threshold,
                 output_index=output_index,
@@ -433,29 +313,25 @@ def _labels(value: Any, num_classes: int) -> tuple[LabelSpec, ...]:
     return tuple(labels)
 
 
-def _performance(table: Mapping[str, Any]) -> Performance:
-    prefix = "card.performance"
-    _check_keys(table, {"summary", "measurements"}, prefix)
-    raw = table.get("measurements", [])
+def _performance(table: Table) -> Performance:
+    table.check_keys({"summary", "measurements"})
+    raw = table.data.get("measurements", [])
     if not isinstance(raw, list):
-        raise ConfigurationError(f"{prefix}.measurements", "must be an array of tables")
+        raise table.error("measurements", "must be an array of tables")
     measurements: list[Measurement] = []
-    for i, item in enumerate(raw):
-        item_prefix = f"{prefix}.measurements[{i}]"
-        if not isinstance(item, dict):
-            raise ConfigurationError(item_prefix, "must be a table")
-        _check_keys(item, {"metric", "value", "dataset", "source", "n"}, item_prefix)
-        n = item.get("n")
+    for i, value in enumerate(raw):
+        item = Table.of(value, table.key(f"measurements[{i}]"))
+        item.check_keys({"metric", "value", "dataset", "source", "n"})
         measurements.append(
             Measurement(
-                metric=_nonempty(item, "metric", item_prefix),
-                value=_float(item, "value", item_prefix),
-                dataset=_str(item, "dataset", item_prefix, ""),
-                source=_str(item, "source", item_prefix, ""),
-                n=None if n is None else _int(item, "n", item_prefix, minimum=1),
+                metric=item.string("metric", nonempty=True),
+                value=item.number("value"),
+                dataset=item.string("dataset", ""),
+                source=item.string("source", ""),
+                n=None if item.data.get("n") is None else item.integer("n", low=1),
             )
         )
-    return Performance(summary=_str(table, "summary", prefix, ""), measurements=tuple(measurements))
+    return Performance(summary=table.string("summary", ""), measurements=tuple(measurements))
 
 
 def set_label_threshold(card_path: Path, label: str, threshold: float, note: str) -> ModelCard:

@@ -16,14 +16,13 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from dicomnode.errors import ModelUnavailableError
-from dicomnode.findings import LabelFinding
 from dicomnode.models import ModelPackage
 from dicomnode.models.card import ModelCard
 
@@ -342,26 +341,3 @@ class _LogitsAndFeatures(nn.Module):
 def default_device() -> torch.device:
     """CUDA when available, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def findings_for(probabilities: Sequence[float] | np.ndarray, card: ModelCard) -> list[LabelFinding]:
-    """One :class:`LabelFinding` per card label from one row of :meth:`ModelRunner.predict`."""
-    row = np.asarray(probabilities, dtype=np.float64).reshape(-1)
-    if row.shape[0] != len(card.labels):
-        raise ValueError(f"{row.shape[0]} probabilities for {len(card.labels)} labels")
-    if not np.all(np.isfinite(row)):
-        raise ValueError("probabilities must be finite")
-    findings = []
-    for label, value in zip(card.labels, row, strict=True):
-        probability = float(min(max(value, 0.0), 1.0))  # float rounding may step just outside 0..1
-        findings.append(
-            LabelFinding(
-                label=label.name,
-                display_name=label.display_name,
-                concept=label.concept,
-                probability=probability,
-                threshold=label.threshold,
-                present=probability >= label.threshold,
-            )
-        )
-    return findings

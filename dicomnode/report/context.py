@@ -12,10 +12,14 @@ from __future__ import annotations
 import copy
 import logging
 
+import highdicom as hd
 from pydicom.charset import convert_encodings
 from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
 
 from dicomnode.errors import InvalidDatasetError
+from dicomnode.findings import StudyFindings
+from dicomnode.report.uids import device_observer_uid
 
 logger = logging.getLogger(__name__)
 
@@ -191,3 +195,22 @@ def _fix_text(dataset: Dataset, character_set: str | list[str], skip: set[str]) 
                     element.value = fixed
             elif not isinstance(element.value, bytes):
                 element.value = [encodable(str(v), character_set) for v in element.value]
+
+
+def series_description(findings: StudyFindings, kind: str = "") -> str:
+    """``"AI <model> <version> — not verified"`` (optionally with a kind), within VR LO's 64."""
+    suffix = " — not verified"
+    head = f"AI {findings.model.name} {findings.model.version}" + (f" {kind}" if kind else "")
+    return head[: 64 - len(suffix)] + suffix
+
+
+def device_observer_context(findings: StudyFindings) -> hd.sr.ObserverContext:
+    """TID 1004 Device observer for the model: stable Device Observer UID, name, manufacturer, model."""
+    model = findings.model
+    device = hd.sr.DeviceObserverIdentifyingAttributes(
+        uid=device_observer_uid(model),
+        name=model.name,
+        manufacturer_name=model.manufacturer,
+        model_name=f"{model.name} {model.version}",
+    )
+    return hd.sr.ObserverContext(observer_type=codes.DCM.Device, observer_identifying_attributes=device)

@@ -18,10 +18,11 @@ from dicomnode.report.context import (
     BUILD_CHARACTER_SET,
     REFERENCE_OMITS,
     apply_source_context,
+    device_observer_context,
     encodable,
     neutral_header,
+    series_description,
 )
-from dicomnode.report.sr import device_observer_context, series_description
 from dicomnode.report.uids import derive_uid, job_key
 
 logger = logging.getLogger(__name__)

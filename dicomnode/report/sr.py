@@ -26,10 +26,12 @@ from dicomnode.report.context import (
     BUILD_CHARACTER_SET,
     apply_source_context,
     check_same_study,
+    device_observer_context,
     encodable,
     neutral_header,
+    series_description,
 )
-from dicomnode.report.uids import derive_uid, device_observer_uid, job_key
+from dicomnode.report.uids import derive_uid, job_key
 
 logger = logging.getLogger(__name__)
 
@@ -52,13 +54,6 @@ class DocumentReference:
     series_instance_uid: str
     sop_instance_uid: str
     sop_class_uid: str = Comprehensive3DSRStorage
-
-
-def series_description(findings: StudyFindings, kind: str = "") -> str:
-    """``"AI <model> <version> — not verified"`` (optionally with a kind), within VR LO's 64."""
-    suffix = " — not verified"
-    head = f"AI {findings.model.name} {findings.model.version}" + (f" {kind}" if kind else "")
-    return head[: 64 - len(suffix)] + suffix
 
 
 def sr_uids(findings: StudyFindings, predecessor: DocumentReference | None = None) -> tuple[str, str]:
@@ -170,18 +165,6 @@ def _reference_dataset(reference: DocumentReference) -> Dataset:
     ds.SOPInstanceUID = reference.sop_instance_uid
     ds.SOPClassUID = reference.sop_class_uid
     return ds
-
-
-def device_observer_context(findings: StudyFindings) -> hd.sr.ObserverContext:
-    """TID 1004 Device observer for the model: stable Device Observer UID, name, manufacturer, model."""
-    model = findings.model
-    device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=device_observer_uid(model),
-        name=model.name,
-        manufacturer_name=model.manufacturer,
-        model_name=f"{model.name} {model.version}",
-    )
-    return hd.sr.ObserverContext(observer_type=codes.DCM.Device, observer_identifying_attributes=device)
 
 
 def _measurement_group(

@@ -19,7 +19,14 @@ from pydicom.dataset import Dataset
 
 from dicomnode.config import Config
 from dicomnode.errors import DecodeTimeoutError, InvalidDatasetError, ModelUnavailableError
-from dicomnode.findings import ImageFindings, LabelFinding, ModelIdentity, StudyFindings, study_level
+from dicomnode.findings import (
+    ImageFindings,
+    LabelFinding,
+    ModelIdentity,
+    StudyFindings,
+    findings_for,
+    study_level,
+)
 from dicomnode.imaging.frames import read_header
 from dicomnode.sandbox import DecodePool
 from dicomnode.work.routing import RouteDecision, route_image
@@ -180,7 +187,6 @@ def predict(
             for position, (image, row) in enumerate(zip(group, probabilities, strict=True)):
                 image.probabilities = row
                 image.features = features[position] if features is not None else None
-        from dicomnode.models.runner import findings_for
 
         for image in group:
             if image.probabilities is not None:

@@ -39,8 +39,8 @@ from dicomnode.findings import StudyFindings
 from dicomnode.imaging.preprocess import decode_display_image
 from dicomnode.node.services import Services, open_services
 from dicomnode.queue.jobs import ClaimedJob
-from dicomnode.report import DocumentReference
 from dicomnode.report.bundle import EncodedObject, KeyImageInput, build_result_objects
+from dicomnode.report.sr import DocumentReference
 from dicomnode.sandbox import DecodePool, read_display_image
 from dicomnode.work.inference import (
     ImageInput,
