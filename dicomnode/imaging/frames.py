@@ -14,8 +14,8 @@ import pydicom.uid
 from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.encaps import get_frame
-from pydicom.pixels import apply_color_lut, convert_color_space
 from pydicom.pixels.decoders.base import get_decoder
+from pydicom.pixels.processing import apply_color_lut, convert_color_space
 
 from dicomnode.errors import DicomNodeError, InvalidDatasetError
 from dicomnode.imaging.spec import FrameSelection

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar, cast
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image
@@ -35,7 +35,8 @@ def _resize_nearest(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         return values
     rows = _nearest_indices(values.shape[0], size[0])
     cols = _nearest_indices(values.shape[1], size[1])
-    return values[rows[:, None], cols[None, :]]
+    picked: np.ndarray = values[rows[:, None], cols[None, :]]
+    return picked
 
 
 def _resize(values: np.ndarray, size: tuple[int, int], interpolation: Interpolation) -> np.ndarray:
@@ -63,7 +64,8 @@ def _luminance(display: np.ndarray, quantized: bool) -> np.ndarray:
         grey = (rgb[..., 0] * 19595 + rgb[..., 1] * 38470 + rgb[..., 2] * 7471 + 0x8000) >> 16
         return grey.astype(np.float32) / np.float32(255.0)
     weights = np.asarray([0.299, 0.587, 0.114], dtype=np.float32)
-    return cast(np.ndarray, display @ weights)
+    grey_values: np.ndarray = display @ weights
+    return grey_values
 
 
 def _frame_to_input(frame: _Frame, spec: PreprocessSpec) -> np.ndarray:

@@ -11,7 +11,7 @@ import pydicom
 import pydicom.errors
 import pydicom.uid
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut, apply_voi
+from pydicom.pixels.processing import apply_modality_lut, apply_voi
 
 from dicomnode.imaging.frames import _Frame
 
@@ -82,7 +82,7 @@ def _voi_transform(
 
         def voi_lut(values: np.ndarray) -> np.ndarray:
             integers = values if np.issubdtype(values.dtype, np.integer) else np.rint(values).astype(np.int32)
-            mapped = apply_voi(integers, view).astype(np.float32)
+            mapped: np.ndarray = apply_voi(integers, view).astype(np.float32)
             return np.clip(mapped / np.float32(top), 0.0, 1.0)
 
         return voi_lut

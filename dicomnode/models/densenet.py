@@ -19,7 +19,7 @@ import re
 from collections.abc import Mapping
 
 import torch
-from monai.networks.nets import DenseNet121
+from monai.networks.nets.densenet import DenseNet121
 
 _LAYER_KEY = re.compile(
     r"^(?P<prefix>.*denselayer\d+)\.(?P<kind>norm|relu|conv)\.?(?P<index>[12])\.(?P<param>.+)$"

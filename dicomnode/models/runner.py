@@ -47,7 +47,7 @@ def build_network(package: ModelPackage, map_location: torch.device | str = "cpu
         if card.architecture == "torchscript":
             with warnings.catch_warnings():  # torch >= 2.10 deprecates TorchScript; loading still works
                 warnings.simplefilter("ignore", DeprecationWarning)
-                network = torch.jit.load(str(weights), map_location=map_location)
+                network = torch.jit.load(str(weights), map_location=map_location)  # type: ignore[no-untyped-call]  # torch.jit is untyped
         else:
             state = torch.load(weights, map_location=map_location, weights_only=True)
             if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -184,8 +184,10 @@ class ModelRunner:
     def _forward(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.autocast_dtype is not None:
             with torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype):
-                return self.network(tensor)
-        return self.network(tensor)
+                logits: torch.Tensor = self.network(tensor)
+                return logits
+        plain: torch.Tensor = self.network(tensor)
+        return plain
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """Probabilities (N, number of labels) in card label order for an (N, C, H, W) float32 batch.
@@ -284,7 +286,7 @@ class ModelRunner:
             check = self.to_input(torch.rand((3, *self.input_shape), generator=generator).numpy())
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")  # TracerWarnings (shapes are fixed by the card), deprecation
-                traced = torch.jit.trace(wrapper, example, check_trace=False).eval()
+                traced = torch.jit.trace(wrapper, example, check_trace=False).eval()  # type: ignore[no-untyped-call]
                 frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
                 expected, expected_features = wrapper(check)
                 logits, features = frozen(check)

@@ -53,7 +53,8 @@ class SeparableConv2d(nn.Module):
         self.pointwise = nn.Conv2d(in_channels, out_channels, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pointwise(self.depthwise(x))
+        out: torch.Tensor = self.pointwise(self.depthwise(x))
+        return out
 
 
 class DownBlock(nn.Module):
@@ -76,7 +77,8 @@ class DownBlock(nn.Module):
         y = F.relu(x) if self.pre_activation else x
         y = F.relu(self.sepconv1_bn(self.sepconv1(y)))
         y = self.pool(self.sepconv2_bn(self.sepconv2(y)))
-        return y + residual
+        out: torch.Tensor = y + residual
+        return out
 
 
 class MiddleBlock(nn.Module):
@@ -95,7 +97,8 @@ class MiddleBlock(nn.Module):
         y = self.sepconv1_bn(self.sepconv1(F.relu(x)))
         y = self.sepconv2_bn(self.sepconv2(F.relu(y)))
         y = self.sepconv3_bn(self.sepconv3(F.relu(y)))
-        return y + x
+        out: torch.Tensor = y + x
+        return out
 
 
 class Xception(nn.Module):
@@ -137,7 +140,8 @@ class Xception(nn.Module):
         x = self.middle(x)
         x = self.block13(x)
         x = F.relu(self.block14_sepconv1_bn(self.block14_sepconv1(x)))
-        return self.block14_sepconv2_act(self.block14_sepconv2_bn(self.block14_sepconv2(x)))
+        out: torch.Tensor = self.block14_sepconv2_act(self.block14_sepconv2_bn(self.block14_sepconv2(x)))
+        return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -147,4 +151,5 @@ class Xception(nn.Module):
         x = features.mean(dim=(2, 3))
         if self.dense is not None:
             x = F.relu(self.dense(x))
-        return self.dense_out(self.dropout(x))
+        out: torch.Tensor = self.dense_out(self.dropout(x))
+        return out
