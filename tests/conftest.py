@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +11,8 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+from postgres import PostgresServer, postgres_bin_dir
 
 from dicomnode.config import Config, config_from_mapping
 from dicomnode.node.services import Services, open_services
@@ -64,3 +67,46 @@ def listener(services: Services) -> Iterator[RunningListener]:
     running = RunningListener(services)
     yield running
     running.stop()
+
+
+# --- database backends: every contract test runs on SQLite and on a real PostgreSQL server -----------
+
+BACKENDS = ("sqlite", "postgresql")
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL cluster for the session (Debian's postgresql). Missing binaries skip the
+    PostgreSQL half of the contract tests, except in CI, where that is a failure."""
+    bin_dir = postgres_bin_dir()
+    if bin_dir is None:
+        message = "PostgreSQL server binaries not found (Debian package postgresql)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message}: CI must run the PostgreSQL contract tests")
+        pytest.skip(message)
+    server = PostgresServer(bin_dir)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of an empty database on each backend in turn."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'var' / 'dicomnode.db'}"
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    return server.new_database()
+
+
+@pytest.fixture
+def backend_config(tmp_path: Path, database_url: str) -> Config:
+    return make_config(tmp_path, storage={"path": "var", "database_url": database_url})
+
+
+@pytest.fixture
+def backend_services(backend_config: Config) -> Iterator[Services]:
+    """Migrated services on each backend in turn (for queue, outbox and migration contract tests)."""
+    svc = open_services(backend_config, upgrade=True)
+    yield svc
+    svc.close()

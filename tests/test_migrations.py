@@ -1,4 +1,5 @@
-"""Alembic migrations on a real SQLite file: up, down, up again, and the models match the schema."""
+"""Alembic migrations on every backend (a real SQLite file, a real PostgreSQL server): up, down, up
+again, and the models match the schema."""
 
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ def tables(engine: Engine) -> set[str]:
     return set(inspect(engine).get_table_names())
 
 
-def test_upgrade_downgrade_upgrade_then_check(tmp_path: Path) -> None:
+def test_upgrade_downgrade_upgrade_then_check(database_url: str) -> None:
     """The migrations build the whole schema, remove it cleanly, build it again, and match db.py."""
-    engine = make_engine(f"sqlite:///{tmp_path / 'node.db'}")
+    engine = make_engine(database_url)
     try:
         assert tables(engine) == set()
         migrate.upgrade(engine)
@@ -41,9 +42,9 @@ def test_upgrade_downgrade_upgrade_then_check(tmp_path: Path) -> None:
         engine.dispose()
 
 
-def test_check_fails_on_an_unmigrated_database(tmp_path: Path) -> None:
+def test_check_fails_on_an_unmigrated_database(database_url: str) -> None:
     """alembic check refuses a database that is not at the newest revision."""
-    engine = make_engine(f"sqlite:///{tmp_path / 'empty.db'}")
+    engine = make_engine(database_url)
     try:
         with pytest.raises(Exception, match=r"(?i)not up to date|head"):
             migrate.check(engine)

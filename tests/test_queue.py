@@ -1,18 +1,30 @@
-"""Study assembly and the job queue on a real, migrated SQLite file (times passed in, no sleeping)."""
+"""Study assembly and the job queue: a contract every backend keeps (a real, migrated SQLite file and
+a real PostgreSQL server; times passed in, no sleeping)."""
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 
+import pytest
+
 from pydicom.uid import generate_uid
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from dicomnode.db import Instance, Job, JobState, make_engine, make_sessionmaker, utcnow
 from dicomnode.node.services import Services
 from dicomnode.queue.jobs import ClaimedJob, InstanceRecord, JobQueue, record_or_ignore
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
+
+
+@pytest.fixture
+def services(backend_services: Services) -> Iterator[Services]:
+    """This module's tests are the queue's contract: run each on every database backend."""
+    yield backend_services
+
+
 STABLE = 10.0
 
 
@@ -187,6 +199,43 @@ def test_concurrent_claims_never_share_a_job(services: Services) -> None:
         rows = session.scalars(select(Job)).all()
         assert all(r.state == JobState.RUNNING and r.attempts == 1 for r in rows)
         assert {r.id for r in rows if r.lease_owner == "a"} == set(claimed["a"])
+
+
+def test_concurrent_assembly_makes_one_job_per_study(services: Services) -> None:
+    """Four assemblers with their own engines (as on four hosts) race: each study gets one job."""
+    queue = services.queue
+    studies = [generate_uid() for _ in range(20)]
+    for study in studies:
+        for _ in range(3):
+            queue.record_instance(record(study))
+    at = later()
+    url = services.config.storage.database_url
+    engines = [make_engine(url) for _ in range(4)]
+    created: list[int] = []
+    start = threading.Barrier(len(engines))
+    errors: list[BaseException] = []
+
+    def assemble(own_queue: JobQueue) -> None:
+        try:
+            start.wait(timeout=10)
+            created.extend(own_queue.assemble_stable_studies(STABLE, 3, now=at))
+        except BaseException as exc:  # surfaced in the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=assemble, args=(JobQueue(make_sessionmaker(e)),)) for e in engines]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    for engine in engines:
+        engine.dispose()
+    assert not errors
+    assert len(created) == len(set(created)) == len(studies)
+    with services.sessions() as session:
+        jobs = session.scalars(select(Job)).all()
+        assert len(jobs) == len(studies)
+        assert len({j.study_id for j in jobs}) == len(studies)
+        assert session.scalar(select(func.count()).where(Instance.job_id.is_(None))) == 0
 
 
 def test_expired_lease_requeues_then_fails_when_out_of_attempts(services: Services) -> None:

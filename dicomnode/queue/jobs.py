@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, func, insert, select, update
+from sqlalchemy import and_, bindparam, delete, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -191,6 +191,7 @@ class JobQueue:
         cutoff = now - timedelta(seconds=stable_after_seconds)
         created: list[int] = []
         with self._write_lock, self.sessions.begin() as session:
+            _lock_assembly(session)
             rows = session.execute(
                 select(Instance.study_id, func.max(Instance.received_at))
                 .where(Instance.job_id.is_(None))
@@ -226,7 +227,9 @@ class JobQueue:
         now = now or utcnow()
         with self._write_lock, self.sessions.begin() as session:
             expired = session.scalars(
-                select(Job).where(Job.state == JobState.RUNNING, Job.lease_expires_at < now)
+                select(Job)
+                .where(Job.state == JobState.RUNNING, Job.lease_expires_at < now)
+                .with_for_update(skip_locked=True)  # another worker requeueing it keeps it
             ).all()
             for job in expired:
                 reason = f"worker {job.lease_owner} stopped while running the job (lease expired)"
@@ -252,29 +255,29 @@ class JobQueue:
     def claim_many(
         self, owner: str, lease_seconds: float, limit: int, now: datetime | None = None
     ) -> list[ClaimedJob]:
-        """Lease up to ``limit`` of the oldest due queued jobs to ``owner`` in one transaction.
+        """Lease up to ``limit`` of the oldest due queued jobs to ``owner`` in one statement.
 
-        A conditional UPDATE ... RETURNING (SQLite 3.35+, PostgreSQL): a job another worker took
-        between the SELECT and the UPDATE is simply not returned. One commit for a whole batch:
-        claiming 16 jobs one transaction each cost the worker 5-20 ms per job.
+        ``WITH due AS (SELECT id ... FOR UPDATE SKIP LOCKED) UPDATE jobs ... FROM due RETURNING``
+        (a CTE, evaluated once: PostgreSQL may rescan a LIMIT subquery inside ``IN`` and lease more
+        than ``limit``): on PostgreSQL concurrent workers skip the rows another claim has locked;
+        SQLite has no row locks (the statement compiles without the clause) and serialises writers
+        with ``BEGIN IMMEDIATE``. The state condition is repeated in the UPDATE, so a job taken between
+        the two never comes back twice. One commit for a whole batch: claiming 16 jobs one
+        transaction each cost the worker 5-20 ms per job.
         """
         now = now or utcnow()
+        due = (
+            select(Job.id)
+            .where(Job.state == JobState.QUEUED, Job.not_before <= now)
+            .order_by(Job.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+            .cte("due")
+        )
         with self._write_lock, self.sessions.begin() as session:
-            candidates = (
-                session.execute(
-                    select(Job.id)
-                    .where(Job.state == JobState.QUEUED, Job.not_before <= now)
-                    .order_by(Job.id)
-                    .limit(limit)
-                )
-                .scalars()
-                .all()
-            )
-            if not candidates:
-                return []
             rows = session.execute(
                 update(Job)
-                .where(Job.id.in_(candidates), Job.state == JobState.QUEUED)
+                .where(Job.id == due.c.id, Job.state == JobState.QUEUED)
                 .values(
                     state=JobState.RUNNING,
                     lease_owner=owner,
@@ -448,3 +451,17 @@ def record_or_ignore(queue: JobQueue, record: InstanceRecord) -> bool:
         return queue.record_instance(record)
     except IntegrityError:
         return False
+
+
+# Any fixed 64-bit number: the key of the advisory lock that serialises study assembly on PostgreSQL.
+ASSEMBLY_LOCK_KEY = 0x6469636F6D6E6F64  # "dicomnod"
+
+
+def _lock_assembly(session: Session) -> None:
+    """Serialise study assembly across processes and hosts, so two never make two jobs of one study.
+
+    PostgreSQL: a transaction-scoped advisory lock. SQLite: ``BEGIN IMMEDIATE`` already holds the
+    database's write lock for the whole transaction.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ASSEMBLY_LOCK_KEY})
