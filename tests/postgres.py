@@ -8,6 +8,7 @@ session. Each test gets its own database.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import pwd
@@ -99,8 +100,6 @@ class PostgresServer:
             return "(no server log)"
 
     def stop(self) -> None:
-        try:
+        with contextlib.suppress(subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError):
             self._run(["pg_ctl", "-D", str(self.data_dir), "-m", "fast", "stop"], timeout=60)
-        except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError):
-            pass
         shutil.rmtree(self.root, ignore_errors=True)

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta
 
 import pytest
-
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
