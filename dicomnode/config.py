@@ -40,7 +40,7 @@ DEFAULTS: dict[str, Any] = {
         "sqlite_synchronous": "AUTO",
         "flush": "syncfs",
     },
-    "studies": {"stable_after_seconds": 10},
+    "studies": {"stable_after_seconds": 10, "stat_calling_ae_titles": [], "priority_aging_seconds": 600},
     "models": {"path": "models"},
     "worker": {
         "processes": 1,
@@ -132,6 +132,10 @@ class StudiesConfig:
     """When a study counts as complete."""
 
     stable_after_seconds: float
+    # studies sent by these calling AEs become STAT jobs, claimed before routine ones
+    stat_calling_ae_titles: tuple[str, ...] = ()
+    # a routine job queued longer than this ranks with STAT jobs, so a STAT stream cannot starve it
+    priority_aging_seconds: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -285,7 +289,12 @@ def config_from_mapping(data: Mapping[str, Any], *, base_dir: Path, source: Path
             flush=_choice(storage, "storage.flush", ("syncfs", "fsync")),
         ),
         studies=StudiesConfig(
-            stable_after_seconds=_float(studies, "studies.stable_after_seconds", 0.0, 86400.0)
+            stable_after_seconds=_float(studies, "studies.stable_after_seconds", 0.0, 86400.0),
+            stat_calling_ae_titles=tuple(
+                _ae_title(v, "studies.stat_calling_ae_titles")
+                for v in _list(studies, "studies.stat_calling_ae_titles")
+            ),
+            priority_aging_seconds=_float(studies, "studies.priority_aging_seconds", 0.0, 86400.0 * 7),
         ),
         models=ModelsConfig(path=_path(models, "models.path", base_dir)),
         worker=WorkerConfig(

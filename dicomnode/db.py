@@ -79,6 +79,13 @@ class JobState(enum.StrEnum):
     FAILED = "failed"
 
 
+class JobPriority(enum.IntEnum):
+    """Which jobs a worker claims first: STAT before ROUTINE (age lifts a routine job, see claim_many)."""
+
+    ROUTINE = 0
+    STAT = 1
+
+
 class DeliveryState(enum.StrEnum):
     """Life of one result object on its way to one destination."""
 
@@ -136,6 +143,7 @@ class Job(Base):
     )
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    priority: Mapped[int] = mapped_column(Integer, default=JobPriority.ROUTINE, server_default="0")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     not_before: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime, timedelta
 
 import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
-from dicomnode.db import Instance, Job, JobState, make_engine, make_sessionmaker, utcnow
+from dicomnode.db import Instance, Job, JobPriority, JobState, make_engine, make_sessionmaker, utcnow
 from dicomnode.node.services import Services
 from dicomnode.queue.jobs import ClaimedJob, InstanceRecord, JobQueue, record_or_ignore
 
@@ -235,6 +236,33 @@ def test_concurrent_assembly_makes_one_job_per_study(services: Services) -> None
         assert len(jobs) == len(studies)
         assert len({j.study_id for j in jobs}) == len(studies)
         assert session.scalar(select(func.count()).where(Instance.job_id.is_(None))) == 0
+
+
+def test_stat_jobs_are_claimed_first_and_age_lifts_routine_ones(services: Services) -> None:
+    """Jobs from a STAT calling AE jump the queue; a routine job waiting past the aging limit does not
+    starve behind a steady STAT stream."""
+    queue = services.queue
+
+    def study_from(ae_title: str) -> str:
+        study = generate_uid()
+        queue.record_instance(replace(record(study), calling_ae_title=ae_title))
+        return study
+
+    at = later()
+    routine = study_from("MODALITY")
+    [routine_job] = queue.assemble_stable_studies(STABLE, 3, now=at, stat_calling_ae_titles=["ER-CT"])
+    stat = study_from("ER-CT")
+    [stat_job] = queue.assemble_stable_studies(STABLE, 3, now=later(), stat_calling_ae_titles=["ER-CT"])
+    assert job_row(services, stat_job).priority == JobPriority.STAT
+    assert job_row(services, routine_job).priority == JobPriority.ROUTINE
+    first = queue.claim_many("w", 60, 1, now=later(), priority_aging_seconds=600)
+    assert [(j.id, j.study_instance_uid) for j in first] == [(stat_job, stat)]
+    # a new STAT job arrives, but the routine one has now waited longer than the aging limit
+    study_from("ER-CT")
+    [newer_stat] = queue.assemble_stable_studies(STABLE, 3, now=later(), stat_calling_ae_titles=["ER-CT"])
+    aged = queue.claim_many("w", 60, 1, now=at + timedelta(seconds=601), priority_aging_seconds=600)
+    assert [(j.id, j.study_instance_uid) for j in aged] == [(routine_job, routine)]
+    assert [j.id for j in queue.claim_many("w", 60, 5, now=later())] == [newer_stat]
 
 
 def test_expired_lease_requeues_then_fails_when_out_of_attempts(services: Services) -> None:

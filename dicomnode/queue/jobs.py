@@ -18,11 +18,11 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, func, insert, select, text, update
+from sqlalchemy import and_, bindparam, case, delete, func, insert, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.db import Instance, Job, JobState, Study, utcnow
+from dicomnode.db import Instance, Job, JobPriority, JobState, Study, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -184,26 +184,38 @@ class JobQueue:
     # --- assembling --------------------------------------------------------------------------------
 
     def assemble_stable_studies(
-        self, stable_after_seconds: float, max_attempts: int, now: datetime | None = None
+        self,
+        stable_after_seconds: float,
+        max_attempts: int,
+        now: datetime | None = None,
+        *,
+        stat_calling_ae_titles: Sequence[str] = (),
     ) -> list[int]:
-        """Create a job for every study whose not-yet-queued instances have been quiet long enough."""
+        """Create a job for every study whose not-yet-queued instances have been quiet long enough.
+
+        A job is STAT when any of its instances came from one of ``stat_calling_ae_titles``."""
         now = now or utcnow()
         cutoff = now - timedelta(seconds=stable_after_seconds)
         created: list[int] = []
         with self._write_lock, self.sessions.begin() as session:
             _lock_assembly(session)
             rows = session.execute(
-                select(Instance.study_id, func.max(Instance.received_at))
+                select(
+                    Instance.study_id,
+                    func.max(Instance.received_at),
+                    func.max(case((Instance.calling_ae_title.in_(stat_calling_ae_titles), 1), else_=0)),
+                )
                 .where(Instance.job_id.is_(None))
                 .group_by(Instance.study_id)
             ).all()
-            for study_id, last in rows:
+            for study_id, last, stat in rows:
                 if last is not None and _aware(last) > cutoff:
                     continue
                 job = Job(
                     study_id=study_id,
                     state=JobState.QUEUED,
                     max_attempts=max_attempts,
+                    priority=JobPriority.STAT if stat else JobPriority.ROUTINE,
                     created_at=now,
                     updated_at=now,
                     not_before=now,
@@ -248,14 +260,22 @@ class JobQueue:
             return len(expired)
 
     def claim(self, owner: str, lease_seconds: float, now: datetime | None = None) -> ClaimedJob | None:
-        """Lease the oldest due queued job to ``owner``, or return None when there is none."""
+        """Lease the first due queued job to ``owner``, or return None when there is none."""
         claimed = self.claim_many(owner, lease_seconds, 1, now)
         return claimed[0] if claimed else None
 
     def claim_many(
-        self, owner: str, lease_seconds: float, limit: int, now: datetime | None = None
+        self,
+        owner: str,
+        lease_seconds: float,
+        limit: int,
+        now: datetime | None = None,
+        *,
+        priority_aging_seconds: float = 600.0,
     ) -> list[ClaimedJob]:
-        """Lease up to ``limit`` of the oldest due queued jobs to ``owner`` in one statement.
+        """Lease up to ``limit`` due queued jobs to ``owner`` in one statement: STAT jobs first, then
+        routine ones, oldest first within each; a routine job queued longer than
+        ``priority_aging_seconds`` ranks with the STAT jobs, so a steady STAT stream cannot starve it.
 
         ``WITH due AS (SELECT id ... FOR UPDATE SKIP LOCKED) UPDATE jobs ... FROM due RETURNING``
         (a CTE, evaluated once: PostgreSQL may rescan a LIMIT subquery inside ``IN`` and lease more
@@ -269,7 +289,7 @@ class JobQueue:
         due = (
             select(Job.id)
             .where(Job.state == JobState.QUEUED, Job.not_before <= now)
-            .order_by(Job.id)
+            .order_by(_claim_rank(now, priority_aging_seconds), Job.id)
             .limit(limit)
             .with_for_update(skip_locked=True)
             .cte("due")
@@ -451,6 +471,12 @@ def record_or_ignore(queue: JobQueue, record: InstanceRecord) -> bool:
         return queue.record_instance(record)
     except IntegrityError:
         return False
+
+
+def _claim_rank(now: datetime, priority_aging_seconds: float) -> Any:
+    """0 for jobs to claim first (STAT, or routine but waiting longer than the aging limit), else 1."""
+    aged = now - timedelta(seconds=priority_aging_seconds)
+    return case((or_(Job.priority >= JobPriority.STAT, Job.created_at <= aged), 0), else_=1)
 
 
 # Any fixed 64-bit number: the key of the advisory lock that serialises study assembly on PostgreSQL.
