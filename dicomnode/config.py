@@ -32,6 +32,7 @@ DEFAULTS: dict[str, Any] = {
         "min_free_disk_mb": 1024,
         "max_pdu_size": 1048576,
         "listener_processes": 1,
+        "instance_name": "",
         "tls": {},
     },
     "storage": {
@@ -106,6 +107,7 @@ class NodeConfig:
     min_free_disk_mb: int
     max_pdu_size: int
     listener_processes: int = 1
+    instance_name: str = ""  # this host's name in leases and `status` (default: hostname)
     tls: TLSConfig | None = None
 
 
@@ -280,6 +282,7 @@ def config_from_mapping(data: Mapping[str, Any], *, base_dir: Path, source: Path
             min_free_disk_mb=_int(node, "node.min_free_disk_mb", 0, 2**40),
             max_pdu_size=_int(node, "node.max_pdu_size", 0, 2**31 - 1),
             listener_processes=_int(node, "node.listener_processes", 1, 64),
+            instance_name=_instance_name(node["instance_name"]),
             tls=_tls(node["tls"], base_dir),
         ),
         storage=StorageConfig(
@@ -372,6 +375,15 @@ def _list(section: Mapping[str, Any], key: str) -> list[Any]:
 def _path(section: Mapping[str, Any], key: str, base_dir: Path) -> Path:
     path = Path(_str(section, key)).expanduser()
     return path if path.is_absolute() else (base_dir / path).resolve()
+
+
+def _instance_name(value: Any) -> str:
+    if not isinstance(value, str) or len(value) > 64 or any(ord(c) < 0x21 or ord(c) > 0x7E for c in value):
+        raise ConfigurationError(
+            "node.instance_name",
+            f"must be printable ASCII without spaces, at most 64 characters; got {value!r}",
+        )
+    return value
 
 
 def _ae_title(value: Any, key: str) -> str:

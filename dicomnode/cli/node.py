@@ -173,6 +173,11 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     """Register the node's subcommands on the main parser."""
     p = sub.add_parser("serve", parents=[common], help="run the listener, workers and sender until SIGTERM")
     p.add_argument("--port-file", help="write the bound port here (useful with node.port = 0)")
+    p.add_argument(
+        "--roles",
+        default="listener,worker,sender",
+        help="what this process runs, comma-separated (default all): listener, worker, sender",
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(

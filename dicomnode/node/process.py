@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from types import FrameType
@@ -19,6 +20,19 @@ logger = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
 PARENT_PID_ENV = "DICOMNODE_PARENT_PID"  # set by `serve` for the children it starts
+INSTANCE_NAME_ENV = "DICOMNODE_INSTANCE_NAME"  # set by `serve`: each child's name in leases
+
+
+def instance_name(config: Config) -> str:
+    """This process's stable name, shown as the lease owner of the jobs it runs.
+
+    ``serve`` names each child ``NAME/worker-N`` (NAME: ``node.instance_name``, default the host
+    name), stable across restarts of that child; a process started on its own is ``NAME:PID``.
+    """
+    given = os.environ.get(INSTANCE_NAME_ENV, "")
+    if given:
+        return given
+    return f"{config.node.instance_name or socket.gethostname()}:{os.getpid()}"
 
 
 def expected_parent() -> int:

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -20,8 +21,9 @@ from pathlib import Path
 from types import FrameType
 
 from dicomnode.config import Config
+from dicomnode.errors import ConfigurationError
 from dicomnode.fsio import durable_write
-from dicomnode.node.process import PARENT_PID_ENV, RUNTIME_STATE_FILE, write_runtime_state
+from dicomnode.node.process import INSTANCE_NAME_ENV, PARENT_PID_ENV, RUNTIME_STATE_FILE, write_runtime_state
 from dicomnode.node.services import open_services
 from dicomnode.receive.recovery import remove_stale_temporaries
 from dicomnode.receive.scp import start_listener, stop_listener
@@ -37,6 +39,7 @@ class Child:
 
     name: str
     argv: list[str]
+    instance_name: str = ""  # its lease-owner name, stable across restarts
     process: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     next_start: float = 0.0
@@ -44,6 +47,8 @@ class Child:
 
     def start(self) -> None:
         env = {**os.environ, PARENT_PID_ENV: str(os.getpid())}
+        if self.instance_name:
+            env[INSTANCE_NAME_ENV] = self.instance_name
         self.process = subprocess.Popen(self.argv, env=env)
         self.started_at = time.monotonic()
         logger.info("%s started (pid %d)", self.name, self.process.pid)
@@ -107,39 +112,74 @@ def listen(config: Config, port: int) -> int:
     return 0
 
 
+ROLES = ("listener", "worker", "sender")  # what one serve process can run; all of them by default
+
+
+def parse_roles(text: str) -> frozenset[str]:
+    """``"listener,sender"`` -> the set of roles; unknown names are refused, naming the valid ones."""
+    roles = frozenset(part.strip() for part in text.split(",") if part.strip())
+    unknown = sorted(roles - set(ROLES))
+    if unknown or not roles:
+        raise ConfigurationError(
+            "--roles", f"{', '.join(unknown) or 'nothing'} given; choose from {', '.join(ROLES)}"
+        )
+    return roles
+
+
 def serve(
     config: Config,
     *,
     port_file: Path | None = None,
     ready: threading.Event | None = None,
     log_level: str | None = None,
+    roles: frozenset[str] = frozenset(ROLES),
 ) -> int:
-    """Run the node until SIGTERM/SIGINT; return the exit code. ``log_level`` overrides
-    ``logging.level`` in the children too."""
+    """Run the node's ``roles`` until SIGTERM/SIGINT; return the exit code. ``log_level`` overrides
+    ``logging.level`` in the children too.
+
+    On several hosts: the host with the spool runs ``listener`` (and usually ``sender``); GPU hosts
+    run ``worker`` against the same database, with the spool mounted at the same ``storage.path``.
+    Only a process with the listener role cleans the spool at start and writes ``serve.json``.
+    """
     services = open_services(config, upgrade=True)
-    removed = remove_stale_temporaries(config.storage.path, changed_since=services.queue.newest_activity())
-    if removed:
-        logger.info("removed %d temporary files left by an interrupted write (never acknowledged)", removed)
-    dropped = services.queue.drop_unflushed_instances(config.storage.path)
-    if dropped:
-        logger.warning("forgot %d instances whose file was not complete (never acknowledged)", dropped)
-    store = services.store()
-    shared = config.node.listener_processes > 1
-    server, _scp = start_listener(config.node, store, services.queue, shared_port=shared)
-    host, port = server.server_address[:2]
-    write_runtime_state(config, host, port)
-    if port_file is not None:  # last: it tells a supervisor or a test that the node is ready
-        durable_write(port_file, f"{port}\n".encode())  # atomic: readers never see a partial file
-    children = [
-        Child(f"worker-{i + 1}", child_argv(config, "worker", log_level))
-        for i in range(config.worker.processes)
-    ]
-    if config.destinations:
-        children.append(Child("sender", child_argv(config, "sender", log_level)))
-    for index in range(1, config.node.listener_processes):  # more listeners on the same port
-        children.append(
-            Child(f"listener-{index + 1}", [*child_argv(config, "listen", log_level), "--port", str(port)])
+    base_name = config.node.instance_name or socket.gethostname()
+    server = store = None
+    host, port = "", 0
+    if "listener" in roles:
+        removed = remove_stale_temporaries(
+            config.storage.path, changed_since=services.queue.newest_activity()
         )
+        if removed:
+            logger.info(
+                "removed %d temporary files left by an interrupted write (never acknowledged)", removed
+            )
+        dropped = services.queue.drop_unflushed_instances(config.storage.path)
+        if dropped:
+            logger.warning("forgot %d instances whose file was not complete (never acknowledged)", dropped)
+        store = services.store()
+        shared = config.node.listener_processes > 1
+        server, _scp = start_listener(config.node, store, services.queue, shared_port=shared)
+        host, port = server.server_address[:2]
+        write_runtime_state(config, host, port)
+        if port_file is not None:  # last: it tells a supervisor or a test that the node is ready
+            durable_write(port_file, f"{port}\n".encode())  # atomic: readers never see a partial file
+    children: list[Child] = []
+    if "worker" in roles:
+        children += [
+            Child(f"worker-{i + 1}", child_argv(config, "worker", log_level), f"{base_name}/worker-{i + 1}")
+            for i in range(config.worker.processes)
+        ]
+    if "sender" in roles and config.destinations:
+        children.append(Child("sender", child_argv(config, "sender", log_level), f"{base_name}/sender"))
+    if server is not None:
+        for index in range(1, config.node.listener_processes):  # more listeners on the same port
+            children.append(
+                Child(
+                    f"listener-{index + 1}",
+                    [*child_argv(config, "listen", log_level), "--port", str(port)],
+                    f"{base_name}/listener-{index + 1}",
+                )
+            )
 
     stop = threading.Event()
 
@@ -148,7 +188,15 @@ def serve(
         stop.set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    logger.info("dicomnode serving as %s on %s:%d (pid %d)", config.node.ae_title, host, port, os.getpid())
+    where = f" on {host}:{port}" if server is not None else ""
+    logger.info(
+        "dicomnode %s serving %s as %s%s (pid %d)",
+        base_name,
+        ",".join(r for r in ROLES if r in roles),
+        config.node.ae_title,
+        where,
+        os.getpid(),
+    )
     if ready is not None:
         ready.set()
     try:
@@ -157,14 +205,17 @@ def serve(
                 child.poll()
             stop.wait(0.5)
     finally:
-        remaining = stop_listener(server, grace_seconds=30.0)
-        if remaining:
-            logger.warning("aborted %d associations still open after the grace period", remaining)
+        if server is not None:
+            remaining = stop_listener(server, grace_seconds=30.0)
+            if remaining:
+                logger.warning("aborted %d associations still open after the grace period", remaining)
         for child in children:
             child.stop(timeout=max(10.0, config.worker.job_timeout_seconds / 10))
-        store.close()
+        if store is not None:
+            store.close()
         services.close()
-        (config.storage.path / RUNTIME_STATE_FILE).unlink(missing_ok=True)
+        if server is not None:
+            (config.storage.path / RUNTIME_STATE_FILE).unlink(missing_ok=True)
         for signum, handler in previous.items():
             with contextlib.suppress(ValueError):
                 signal.signal(signum, handler)
