@@ -108,7 +108,7 @@ class InstanceStore:
         """Hold ``size`` bytes (rounded up to whole blocks) against the floor while a write runs.
 
         Refuse with StorageFullError when free - reserved - incoming would fall below the floor. The
-        free space is read on every call: a cached value let a burst write 44 MB past a 40 MB floor.
+        free space is read on every call: a cached value let a burst leave 4 MB free under a 40 MB floor.
         """
         if self.min_free_bytes <= 0:
             yield
