@@ -40,7 +40,7 @@ _MAX_DEPTH = 64  # nesting of sequences a complete file may have before it is ju
 
 
 def _stop_after_header(tag: BaseTag, vr: str | None, length: int) -> bool:
-    return tag > _LAST_HEADER_TAG
+    return bool(tag > _LAST_HEADER_TAG)
 
 
 def read_header(fragments: list[memoryview], size: int, transfer_syntax_uid: str) -> Dataset:
