@@ -50,6 +50,7 @@ class Status(enum.IntEnum):
     CANNOT_UNDERSTAND = 0xC000  # the data set could not be parsed at all
     CANNOT_UNDERSTAND_MISSING_UID = 0xC001  # a required UID is missing or invalid
     CANNOT_UNDERSTAND_UID_MISMATCH = 0xC002  # data set and command disagree on a UID
+    CANNOT_UNDERSTAND_INSTANCE_CONFLICT = 0xC003  # SOP Instance UID already held under another study/series
 
 
 # Ranges of C-STORE statuses whose lower byte is implementation specific (PS3.4 B.2.3).

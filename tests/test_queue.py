@@ -14,7 +14,8 @@ from sqlalchemy import func, select
 
 from dicomnode.db import Instance, Job, JobPriority, JobState, make_engine, make_sessionmaker, utcnow
 from dicomnode.node.services import Services
-from dicomnode.queue.jobs import ClaimedJob, InstanceRecord, JobQueue, record_or_ignore
+from dicomnode.queue.jobs import ClaimedJob, InstanceRecord, JobQueue
+from dicomnode.receive.recovery import drop_unflushed_instances
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 
@@ -71,7 +72,6 @@ def test_record_instance_is_idempotent(services: Services) -> None:
     first = record(study)
     assert queue.record_instance(first) is True
     assert queue.record_instance(first) is False
-    assert record_or_ignore(queue, first) is False
     with services.sessions() as session:
         assert session.scalars(select(Instance.sop_instance_uid)).all() == [first.sop_instance_uid]
 
@@ -391,7 +391,7 @@ def test_rows_whose_file_never_reached_disk_are_forgotten_at_start(services: Ser
         path.write_bytes(b"x" * size)
     for item in (kept, short, missing):
         assert services.queue.record_instance(item)
-    assert services.queue.drop_unflushed_instances(root) == 2
+    assert drop_unflushed_instances(services.queue, root) == 2
     with services.sessions() as session:
         left = session.scalars(select(Instance.sop_instance_uid)).all()
     assert left == [kept.sop_instance_uid]

@@ -25,7 +25,7 @@ from dicomnode.errors import ConfigurationError
 from dicomnode.fsio import durable_write
 from dicomnode.node.process import INSTANCE_NAME_ENV, PARENT_PID_ENV, RUNTIME_STATE_FILE, write_runtime_state
 from dicomnode.node.services import open_services
-from dicomnode.receive.recovery import remove_stale_temporaries
+from dicomnode.receive.recovery import recover_spool
 from dicomnode.receive.scp import start_listener, stop_listener
 
 logger = logging.getLogger(__name__)
@@ -146,16 +146,8 @@ def serve(
     server = store = None
     host, port = "", 0
     if "listener" in roles:
-        removed = remove_stale_temporaries(
-            config.storage.path, changed_since=services.queue.newest_activity()
-        )
-        if removed:
-            logger.info(
-                "removed %d temporary files left by an interrupted write (never acknowledged)", removed
-            )
-        dropped = services.queue.drop_unflushed_instances(config.storage.path)
-        if dropped:
-            logger.warning("forgot %d instances whose file was not complete (never acknowledged)", dropped)
+        # before the listener: temporaries, rows without their data, files without their row (logged)
+        recover_spool(config.storage.path, services.queue, changed_since=services.queue.newest_activity())
         store = services.store()
         shared = config.node.listener_processes > 1
         server, _scp = start_listener(config.node, store, services.queue, shared_port=shared)

@@ -1,6 +1,7 @@
 """Study assembly and the job queue, on the database.
 
-* :meth:`JobQueue.record_instance` indexes one stored instance (idempotent per SOP Instance UID).
+* :meth:`JobQueue.record_instance` indexes one stored instance (idempotent per SOP Instance UID; the
+  same UID at another path raises :class:`InstanceConflictError`).
 * :meth:`JobQueue.assemble_stable_studies` turns studies quiet for ``stable_after_seconds`` into jobs.
   Instances arriving after a job was made start a new job for the study (which covers the whole study).
 * :meth:`JobQueue.claim` leases a queued job to one worker; an expired lease (a crashed or killed
@@ -15,10 +16,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, bindparam, case, delete, func, insert, or_, select, text, update
+from sqlalchemy import and_, bindparam, case, func, insert, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 
 # Statements of the receive path, built once (SQLite 3.35+ and PostgreSQL both support RETURNING).
-_INSTANCE_EXISTS = select(Instance.id).where(Instance.sop_instance_uid == bindparam("sop_instance_uid"))
+_HELD_PATH = select(Instance.path).where(Instance.sop_instance_uid == bindparam("sop_instance_uid"))
 _TOUCH_STUDY = (
     update(Study)
     .where(Study.study_instance_uid == bindparam("match_study_instance_uid"))
@@ -37,6 +37,18 @@ _TOUCH_STUDY = (
 )
 _INSERT_STUDY = insert(Study).returning(Study.id)
 _INSERT_INSTANCE = insert(Instance)
+
+
+_RECORD_ATTEMPTS = 3  # a unique-key race with another process (PostgreSQL) is retried, then raised
+
+
+class InstanceConflictError(Exception):
+    """The SOP Instance UID is already indexed at another path (under another study or series)."""
+
+    def __init__(self, sop_instance_uid: str, held_path: str) -> None:
+        super().__init__(f"SOP Instance UID {sop_instance_uid} is already held at {held_path}")
+        self.sop_instance_uid = sop_instance_uid
+        self.held_path = held_path
 
 
 @dataclass(frozen=True)
@@ -96,7 +108,24 @@ class JobQueue:
     # --- receiving ---------------------------------------------------------------------------------
 
     def record_instance(self, record: InstanceRecord) -> bool:
-        """Index a stored instance; return False when it was already indexed (a resend).
+        """Index a stored instance; return False when it was already indexed at this path (a resend).
+
+        Raise :class:`InstanceConflictError` when the UID is indexed at another path: a SOP
+        Instance UID names one instance, so the same UID under another study or series is refused by
+        the caller rather than indexed twice. A unique-key violation (another process inserted the
+        same study or instance between our look-up and insert; possible on PostgreSQL) is retried,
+        so the retry sees the other row: a resend is never answered Success without its row.
+        """
+        for attempt in range(1, _RECORD_ATTEMPTS + 1):
+            try:
+                return self._insert_instance(record)
+            except IntegrityError:
+                if attempt == _RECORD_ATTEMPTS:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _insert_instance(self, record: InstanceRecord) -> bool:
+        """One attempt of :meth:`record_instance`.
 
         Three prebuilt Core statements with bound parameters on the session's connection (no ORM
         unit of work, no statement building per instance): this runs once per C-STORE, before the
@@ -105,7 +134,10 @@ class JobQueue:
         now = utcnow()
         with self._write_lock, self.sessions.begin() as session:
             connection = session.connection()
-            if connection.scalar(_INSTANCE_EXISTS, {"sop_instance_uid": record.sop_instance_uid}) is not None:
+            held = connection.scalar(_HELD_PATH, {"sop_instance_uid": record.sop_instance_uid})
+            if held is not None:
+                if held != record.path:
+                    raise InstanceConflictError(record.sop_instance_uid, held)
                 return False
             study_id = connection.scalar(
                 _TOUCH_STUDY, {"match_study_instance_uid": record.study_instance_uid, "now": now}
@@ -150,36 +182,6 @@ class JobQueue:
             ]
         known = [_aware(t) for t in times if t is not None]
         return max(known).timestamp() - margin_seconds if known else None
-
-    def drop_unflushed_instances(self, storage_root: Path, window_seconds: float = 60.0) -> int:
-        """After an unclean stop, forget the newest rows whose file is missing or short (and delete
-        such a file); return how many.
-
-        With ``synchronous=NORMAL`` and one ``syncfs`` before each acknowledgement, a row can outlive
-        its file's data only for an instance received just before the crash and never acknowledged:
-        its sender resends it. Only rows within ``window_seconds`` of the newest one are checked.
-        """
-        removed = 0
-        with self._write_lock, self.sessions.begin() as session:
-            newest = session.scalar(select(func.max(Instance.received_at)))
-            if newest is None:
-                return 0
-            since = _aware(newest) - timedelta(seconds=window_seconds)
-            rows = session.execute(
-                select(Instance.id, Instance.path, Instance.size_bytes).where(
-                    Instance.received_at >= since, Instance.job_id.is_(None)
-                )
-            ).all()
-            for instance_id, path, size_bytes in rows:
-                try:
-                    complete = (storage_root / path).stat().st_size == size_bytes
-                except FileNotFoundError:
-                    complete = False
-                if not complete:
-                    session.execute(delete(Instance).where(Instance.id == instance_id))
-                    (storage_root / path).unlink(missing_ok=True)  # so the resend writes it afresh
-                    removed += 1
-        return removed
 
     # --- assembling --------------------------------------------------------------------------------
 
@@ -463,14 +465,6 @@ def _aware(value: datetime) -> datetime:
     from datetime import UTC
 
     return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
-def record_or_ignore(queue: JobQueue, record: InstanceRecord) -> bool:
-    """record_instance that treats a concurrent duplicate insert as a resend."""
-    try:
-        return queue.record_instance(record)
-    except IntegrityError:
-        return False
 
 
 def _claim_rank(now: datetime, priority_aging_seconds: float) -> Any:

@@ -9,15 +9,8 @@ This module must not import torch (directly or through the models package).
 from __future__ import annotations
 
 import logging
-import struct
 import time
-import zlib
-from typing import BinaryIO, cast
 
-from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filereader import read_dataset
-from pydicom.tag import BaseTag
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
@@ -40,10 +33,9 @@ from pynetdicom import AllStoragePresentationContexts, StoragePresentationContex
 from pynetdicom.presentation import PresentationContext
 
 from dicomnode.config import NodeConfig
-from dicomnode.errors import InvalidDatasetError, StorageFullError
+from dicomnode.errors import DicomNodeError, InvalidDatasetError, StorageFullError
 from dicomnode.fsio import buffers_size
 from dicomnode.net.dimse import Command
-from dicomnode.net.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicomnode.net.tls import server_ssl_context
 from dicomnode.net.upper_layer import (
     VERIFICATION_SOP_CLASS,
@@ -53,9 +45,10 @@ from dicomnode.net.upper_layer import (
     Response,
     supported_context,
 )
-from dicomnode.queue.jobs import InstanceRecord, JobQueue, record_or_ignore
+from dicomnode.queue.jobs import InstanceConflictError, InstanceRecord, JobQueue
+from dicomnode.receive.header import PREAMBLE, file_meta_information, header_text, read_header
 from dicomnode.receive.spool import InstanceStore, validate_uid
-from dicomnode.status import Status
+from dicomnode.status import OUT_OF_RESOURCES_RANGE, Status, status_label
 
 logger = logging.getLogger(__name__)
 
@@ -80,20 +73,20 @@ ACCEPTED_TRANSFER_SYNTAXES: tuple[str, ...] = (
     RLELossless,
 )
 
-# The header parse stops after Series Instance UID: every attribute the index needs comes before it.
-_LAST_HEADER_TAG = 0x0020000E
-_INFLATE_LIMIT = 4 * 1024 * 1024  # inflated bytes enough for the header of a deflated data set
-_HEADER_PREFIX = 256 * 1024  # bytes joined for the header parse before trying the whole data set
-_HEADER_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-_PREAMBLE = bytes(128) + b"DICM"
 
+class StoreRefused(DicomNodeError):  # noqa: N818 - the name the layout gives it (a refusal, not a fault)
+    """A C-STORE that is answered with a failure ``status``.
 
-class _RefusedError(InvalidDatasetError):
-    """An invalid dataset together with the status to answer."""
+    ``message`` becomes the Error Comment (0000,0902; at most 64 characters, never patient data);
+    ``detail`` is added to the log line only (numbers, the exception type).
+    """
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: Status, message: str, *, detail: str = "", sop_instance_uid: str = "") -> None:
         super().__init__(message)
         self.status = status
+        self.message = message
+        self.detail = detail
+        self.sop_instance_uid = sop_instance_uid
 
 
 class StorageSCP:
@@ -133,82 +126,113 @@ class StorageSCP:
         stats = association.stats
         size = buffers_size(data)
         try:
-            header = _read_header(data, size, transfer_syntax_uid)
-            record, meta = self._record_from(header, association, command, transfer_syntax_uid, size)
-        except InvalidDatasetError as exc:
-            status = getattr(exc, "status", Status.CANNOT_UNDERSTAND_MISSING_UID)
-            logger.warning(
-                "C-STORE %s refused (0x%04X): %s", _safe_uid(command.affected_sop_instance_uid), status, exc
+            record, meta = self._record_from(data, size, association, command, transfer_syntax_uid)
+            recorded = self._store(record, meta, data)
+        except StoreRefused as refused:
+            log = logger.error if refused.status in OUT_OF_RESOURCES_RANGE else logger.warning
+            log(
+                "C-STORE %s refused, %s: %s%s",
+                refused.sop_instance_uid or _safe_uid(command.affected_sop_instance_uid),
+                status_label(refused.status),
+                refused.message,
+                f" ({refused.detail})" if refused.detail else "",
             )
             stats.failed += 1
-            return Response(status, str(exc))
-        except Exception as exc:  # unreadable bytes of any kind: refuse, keep serving
-            logger.warning(
-                "C-STORE %s refused (0x%04X): dataset cannot be parsed: %s",
-                _safe_uid(command.affected_sop_instance_uid),
-                Status.CANNOT_UNDERSTAND,
-                type(exc).__name__,
-            )
-            stats.failed += 1
-            return Response(Status.CANNOT_UNDERSTAND, "the data set cannot be parsed")
-
-        try:
-            # The final name appears only by rename after a complete write, so an existing file is an
-            # instance received before (a resend): the first copy is kept. After a power loss, a
-            # file whose data never reached the disk is removed at start (drop_unflushed_instances).
-            if not self.store.absolute(record.path).exists():
-                self.store.write(record.path, [_PREAMBLE, meta, *data])
-            recorded = record_or_ignore(self.queue, record)
-            # one flush makes file, folder entries and the WAL durable (shared with other associations)
-            self.store.flush()
-            if not recorded:
-                logger.debug("C-STORE %s already stored; acknowledged again", record.sop_instance_uid)
-                stats.duplicates += 1
-                return Response(Status.SUCCESS)
-        except StorageFullError as exc:
-            logger.error(
-                "C-STORE %s failed (0x%04X out of resources): %s",
-                record.sop_instance_uid,
-                Status.OUT_OF_RESOURCES,
-                exc,
-            )
-            stats.failed += 1
-            return Response(Status.OUT_OF_RESOURCES, str(exc))
-        except Exception as exc:  # the database or anything else below us: nothing acknowledged
-            logger.error(
-                "C-STORE %s failed (0x%04X out of resources): cannot index instance: %s",
-                record.sop_instance_uid,
-                Status.OUT_OF_RESOURCES,
-                type(exc).__name__,
-            )
-            stats.failed += 1
-            return Response(Status.OUT_OF_RESOURCES, "the instance cannot be indexed")
+            return Response(refused.status, refused.message)
+        if not recorded:
+            logger.debug("C-STORE %s already stored; acknowledged again", record.sop_instance_uid)
+            stats.duplicates += 1
+            return Response(Status.SUCCESS)
         stats.stored += 1
         stats.bytes += size
         return Response(Status.SUCCESS)
 
+    def _store(self, record: InstanceRecord, meta: bytes, data: list[memoryview]) -> bool:
+        """Write, index and flush; return False for a resend. Raise StoreRefused for every failure."""
+        uid = record.sop_instance_uid
+        try:
+            # The final name appears only by rename after a complete write, so an existing file is an
+            # instance received before (a resend): the first copy is kept. After a power loss, a
+            # file whose data never reached the disk is removed at start (recovery.py).
+            if not self.store.absolute(record.path).exists():
+                self.store.write(record.path, [PREAMBLE, meta, *data])
+        except StorageFullError as exc:
+            raise StoreRefused(
+                Status.OUT_OF_RESOURCES,
+                "cannot store: disk full or below the free-space floor",
+                detail=str(exc),
+                sop_instance_uid=uid,
+            ) from exc
+        except Exception as exc:  # a fault below us of any other kind: nothing acknowledged
+            raise StoreRefused(
+                Status.OUT_OF_RESOURCES,
+                "cannot write the instance file",
+                detail=type(exc).__name__,
+                sop_instance_uid=uid,
+            ) from exc
+        try:
+            recorded = self.queue.record_instance(record)
+        except InstanceConflictError as exc:
+            # A UID names one instance: the copy held is kept and this file must not outlive the refusal.
+            self.store.remove(record.path)
+            raise StoreRefused(
+                Status.CANNOT_UNDERSTAND_INSTANCE_CONFLICT,
+                "SOP Instance UID already held under another Study/Series UID",
+                detail=f"held as {exc.held_path}",
+                sop_instance_uid=uid,
+            ) from exc
+        except Exception as exc:  # the database or anything else below us: nothing acknowledged
+            # The file stays: a resend indexes it, and start-up recovery indexes it if none comes.
+            raise StoreRefused(
+                Status.OUT_OF_RESOURCES,
+                "the instance cannot be indexed",
+                detail=type(exc).__name__,
+                sop_instance_uid=uid,
+            ) from exc
+        try:
+            # one flush makes file, folder entries and the WAL durable (shared with other associations)
+            self.store.flush()
+        except StorageFullError as exc:
+            raise StoreRefused(
+                Status.OUT_OF_RESOURCES,
+                "cannot flush the spool to disk",
+                detail=str(exc),
+                sop_instance_uid=uid,
+            ) from exc
+        return recorded
+
     def _record_from(
         self,
-        header: Dataset,
+        data: list[memoryview],
+        data_set_size: int,
         association: Association,
         command: Command,
         transfer_syntax_uid: str,
-        data_set_size: int,
     ) -> tuple[InstanceRecord, bytes]:
-        """The index row and the File Meta Information for a validated instance."""
-        sop_instance_uid = validate_uid(header.get("SOPInstanceUID"), "SOPInstanceUID")
-        sop_class_uid = validate_uid(header.get("SOPClassUID"), "SOPClassUID")
-        study_instance_uid = validate_uid(header.get("StudyInstanceUID"), "StudyInstanceUID")
-        series_instance_uid = validate_uid(header.get("SeriesInstanceUID"), "SeriesInstanceUID")
+        """The index row and the File Meta Information for a received data set, or StoreRefused."""
+        try:
+            header = read_header(data, data_set_size, transfer_syntax_uid)
+            uids = [validate_uid(header.get(keyword), keyword) for keyword in _UID_KEYWORDS]
+        except InvalidDatasetError as exc:
+            raise StoreRefused(Status.CANNOT_UNDERSTAND_MISSING_UID, str(exc)) from exc
+        except Exception as exc:  # unreadable bytes of any kind: refuse, keep serving
+            raise StoreRefused(
+                Status.CANNOT_UNDERSTAND, "the data set cannot be parsed", detail=type(exc).__name__
+            ) from exc
+        sop_instance_uid, sop_class_uid, study_instance_uid, series_instance_uid = uids
         if sop_instance_uid != command.affected_sop_instance_uid:
-            raise _RefusedError(
-                Status.CANNOT_UNDERSTAND_UID_MISMATCH,
-                "SOPInstanceUID of the dataset does not match the C-STORE request",
+            # PixelMed and dcmsend send real files this way: the data set is the truth (PS3.10 file
+            # names and the index are made from it), so store it under its own UID and say so.
+            logger.info(
+                "C-STORE request names SOP Instance UID %s, its data set %s: stored under the data set's",
+                _safe_uid(command.affected_sop_instance_uid),
+                sop_instance_uid,
             )
         if sop_class_uid != command.affected_sop_class_uid:
-            raise _RefusedError(
+            raise StoreRefused(
                 Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
                 "SOPClassUID of the dataset does not match the C-STORE request",
+                sop_instance_uid=sop_instance_uid,
             )
         meta = file_meta_information(
             sop_class_uid, sop_instance_uid, transfer_syntax_uid, association.calling_ae_title
@@ -220,91 +244,16 @@ class StorageSCP:
             series_instance_uid=series_instance_uid,
             transfer_syntax_uid=transfer_syntax_uid,
             path=self.store.relative_path(study_instance_uid, series_instance_uid, sop_instance_uid),
-            size_bytes=len(_PREAMBLE) + len(meta) + data_set_size,  # the file's size
-            patient_id=_text(header, "PatientID", 64),
-            study_date=_text(header, "StudyDate", 8),
-            modality=_text(header, "Modality", 16),
+            size_bytes=len(PREAMBLE) + len(meta) + data_set_size,  # the file's size
+            patient_id=header_text(header, "PatientID", 64),
+            study_date=header_text(header, "StudyDate", 8),
+            modality=header_text(header, "Modality", 16),
             calling_ae_title=association.calling_ae_title[:16] or None,
         )
         return record, meta
 
 
-def _stop_after_header(tag: BaseTag, vr: str | None, length: int) -> bool:
-    return tag > _LAST_HEADER_TAG
-
-
-def _read_header(fragments: list[memoryview], size: int, transfer_syntax_uid: str) -> Dataset:
-    """Parse the data set's leading attributes, up to Series Instance UID, in its transfer syntax.
-
-    Only the first fragments are joined for it (the identifying attributes come first); when they
-    were not enough, the whole data set is. An empty or garbage data set parses "successfully"
-    into something without UIDs, which the caller then refuses. Pixel data is never read.
-    """
-    prefix = bytearray()
-    for fragment in fragments:
-        prefix += fragment
-        if len(prefix) >= _HEADER_PREFIX:
-            break
-    if len(prefix) == size:
-        return _parse_header(bytes(prefix), transfer_syntax_uid)
-    try:
-        header = _parse_header(bytes(prefix), transfer_syntax_uid)
-        if all(keyword in header for keyword in _HEADER_KEYWORDS):
-            return header
-    except Exception:  # the prefix ended inside an element: parse the whole data set below
-        pass
-    return _parse_header(b"".join(fragments), transfer_syntax_uid)
-
-
-def _parse_header(data: bytes, transfer_syntax_uid: str) -> Dataset:
-    if transfer_syntax_uid == DeflatedExplicitVRLittleEndian:
-        data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(data, _INFLATE_LIMIT)
-    implicit = transfer_syntax_uid == ImplicitVRLittleEndian
-    little = transfer_syntax_uid != ExplicitVRBigEndian
-    fp = DicomBytesIO(data)
-    fp.is_little_endian = little
-    fp.is_implicit_VR = implicit
-    return read_dataset(cast(BinaryIO, fp), implicit, little, stop_when=_stop_after_header)
-
-
-def file_meta_information(
-    sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str, source_ae_title: str
-) -> bytes:
-    """The File Meta Information group (PS3.10 7.1), explicit VR little endian, for a received instance."""
-
-    def element(tag_element: int, vr: bytes, value: bytes) -> bytes:
-        if vr == b"OB":
-            return struct.pack("<HH2sHL", 0x0002, tag_element, vr, 0, len(value)) + value
-        return struct.pack("<HH2sH", 0x0002, tag_element, vr, len(value)) + value
-
-    def padded(text: str, pad: bytes) -> bytes:
-        raw = text.encode("ascii")
-        return raw + pad * (len(raw) % 2)
-
-    elements = [
-        element(0x0001, b"OB", b"\x00\x01"),
-        element(0x0002, b"UI", padded(sop_class_uid, b"\x00")),
-        element(0x0003, b"UI", padded(sop_instance_uid, b"\x00")),
-        element(0x0010, b"UI", padded(transfer_syntax_uid, b"\x00")),
-        element(0x0012, b"UI", padded(IMPLEMENTATION_CLASS_UID, b"\x00")),
-        element(0x0013, b"SH", padded(IMPLEMENTATION_VERSION_NAME, b" ")),
-    ]
-    source = source_ae_title.strip()
-    if source and source.isascii() and "\\" not in source:
-        elements.append(element(0x0016, b"AE", padded(source[:16], b" ")))
-    group = b"".join(elements)
-    return element(0x0000, b"UL", struct.pack("<L", len(group))) + group
-
-
-def _text(ds: Dataset, keyword: str, limit: int) -> str | None:
-    try:
-        value = ds.get(keyword)
-    except Exception:  # a malformed element must not refuse the whole instance
-        return None
-    if value is None:
-        return None
-    text = str(value).strip()
-    return text[:limit] or None
+_UID_KEYWORDS = ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID")
 
 
 def _safe_uid(value: str) -> str:
@@ -387,7 +336,7 @@ def stop_listener(server: AcceptorServer, *, grace_seconds: float = 30.0) -> int
 __all__ = [
     "ACCEPTED_TRANSFER_SYNTAXES",
     "StorageSCP",
-    "file_meta_information",
+    "StoreRefused",
     "start_listener",
     "stop_listener",
     "supported_contexts",

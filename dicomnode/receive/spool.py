@@ -3,6 +3,10 @@
 A write is: temporary file in the target folder -> write -> fsync -> rename over the final name ->
 fsync the folder (and the folders created on the way). Only after that may the caller commit the
 database row and answer C-STORE success. Nothing from a dataset but validated UIDs ever reaches a path.
+
+The free-space floor is kept by reservation, not by a cached check: before each write the free
+space is read (``statvfs``, about a microsecond) and the bytes of writes still in progress are
+subtracted, so concurrent associations cannot together write past the floor.
 """
 
 from __future__ import annotations
@@ -10,11 +14,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 import re
-import shutil
 import threading
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +30,12 @@ logger = logging.getLogger(__name__)
 # PS3.5 9.1: digits and dots, components without leading zeros, at most 64 characters. Real devices
 # emit leading zeros now and then; they are harmless in a path, so only the shape is enforced.
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def statvfs_free_bytes(root: Path) -> int:
+    """Bytes an unprivileged writer may still use on ``root``'s filesystem (``df``'s Avail)."""
+    stat = os.statvfs(root)
+    return stat.f_bavail * stat.f_frsize
 
 
 def validate_uid(value: object, keyword: str) -> str:
@@ -59,19 +68,21 @@ class InstanceStore:
         min_free_bytes: int = 0,
         writer: Callable[[Path, Buffers], None] | None = None,
         flush_mode: str = "syncfs",
+        free_bytes: Callable[[Path], int] = statvfs_free_bytes,
     ) -> None:
         self.root = root
         self.min_free_bytes = min_free_bytes
+        self.free_bytes = free_bytes  # injectable: tests hold the free space where they need it
         # "syncfs": write, rename, then one shared syncfs per acknowledgement (group commit);
         # "fsync": fsync every file and folder on its own (for a spool on a busy, shared filesystem)
         self.flush_mode = flush_mode
         self.file_writer = fast_write if flush_mode == "syncfs" else durable_write
         self.writer = writer or self.file_writer  # injectable for fault-injection tests
-        self._free_checked_at = 0.0
-        self._free_ok = True
         self._free_lock = threading.Lock()
+        self._reserved = 0  # bytes of writes in progress, not all of them visible in statvfs yet
         self._known_dirs: set[Path] = set()
         (root / "instances").mkdir(parents=True, exist_ok=True)
+        self._block_size = max(1, os.statvfs(root).f_frsize)
         self.filesystem_sync = FilesystemSync(root)
 
     def relative_path(self, study_instance_uid: str, series_instance_uid: str, sop_instance_uid: str) -> str:
@@ -86,30 +97,51 @@ class InstanceStore:
     def absolute(self, relative_path: str) -> Path:
         return self.root / relative_path
 
-    def has_free_space(self) -> bool:
-        """True when free space is above the configured floor (re-checked at most once a second)."""
-        if self.min_free_bytes <= 0:
-            return True
-        now = time.monotonic()
+    @property
+    def reserved_bytes(self) -> int:
+        """Bytes reserved by writes in progress (for tests and the status view)."""
         with self._free_lock:
-            if now - self._free_checked_at > 1.0:
-                self._free_ok = shutil.disk_usage(self.root).free >= self.min_free_bytes
-                self._free_checked_at = now
-            return self._free_ok
+            return self._reserved
+
+    @contextlib.contextmanager
+    def _reservation(self, size: int) -> Iterator[None]:
+        """Hold ``size`` bytes (rounded up to whole blocks) against the floor while a write runs.
+
+        Refuse with StorageFullError when free - reserved - incoming would fall below the floor. The
+        free space is read on every call: a cached value let a burst leave 4 MB free under a 40 MB floor.
+        """
+        if self.min_free_bytes <= 0:
+            yield
+            return
+        incoming = -(-size // self._block_size) * self._block_size
+        with self._free_lock:
+            free = self.free_bytes(self.root)
+            if free - self._reserved - incoming < self.min_free_bytes:
+                raise StorageFullError(
+                    f"free disk space {free / 1e6:.1f} MB, {self._reserved / 1e6:.1f} MB of it being written,"
+                    f" leaves less than the storage floor (node.min_free_disk_mb,"
+                    f" {self.min_free_bytes / 1e6:.1f} MB) after this {incoming / 1e6:.2f} MB instance"
+                )
+            self._reserved += incoming
+        try:
+            yield
+        finally:
+            with self._free_lock:
+                self._reserved -= incoming
 
     def write(self, relative_path: str, data: Buffers) -> StoredFile:
         """Write ``data`` (one buffer or several in order) to ``relative_path``; durable after
-        :meth:`flush`. Raise StorageFullError on any OS failure."""
+        :meth:`flush`. Raise StorageFullError below the free-space floor or on any OS failure."""
         target = self.root / relative_path
-        if not self.has_free_space():
-            raise StorageFullError("free disk space is below storage floor (node.min_free_disk_mb)")
-        try:
-            self._ensure_dir(target.parent)
-            self.writer(target, data)
-        except OSError as exc:
-            reason = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else f"OS error {exc.errno}"
-            raise StorageFullError(f"cannot write instance file: {reason}") from exc
-        return StoredFile(relative_path=relative_path, size_bytes=buffers_size(data))
+        size = buffers_size(data)
+        with self._reservation(size):
+            try:
+                self._ensure_dir(target.parent)
+                self.writer(target, data)
+            except OSError as exc:
+                reason = "disk full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else f"OS error {exc.errno}"
+                raise StorageFullError(f"cannot write instance file: {reason}") from exc
+        return StoredFile(relative_path=relative_path, size_bytes=size)
 
     def _ensure_dir(self, directory: Path) -> None:
         if directory in self._known_dirs:
