@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from postgres import PostgresServer
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select
+from test_cli import write_config
 from test_queue import STABLE, later, record
 
+from dicomnode.cli import main
 from dicomnode.db import Base, Instance, Job, Study, make_engine, make_sessionmaker
 from dicomnode.errors import ConfigurationError
 from dicomnode.node.dbcopy import copy_database
@@ -54,5 +58,22 @@ def test_copy_sqlite_to_postgresql_keeps_rows_ids_and_the_queue(
             assert session.scalar(select(func.count()).select_from(Instance)) == 7
         with pytest.raises(ConfigurationError, match="not empty"):
             copy_database(services.engine, target)
+    finally:
+        target.dispose()
+
+
+def test_db_copy_command(
+    services: Services, postgres_server: PostgresServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`dicomnode db copy --to URL` copies the configured database and says what to do next."""
+    services.queue.record_instance(record(generate_uid()))
+    config_file = write_config(tmp_path)  # the same database as the services fixture's
+    url = postgres_server.new_database()
+    assert main(["--config", str(config_file), "db", "copy", "--to", url]) == 0
+    out = capsys.readouterr().out
+    assert "1 instances" in out and "storage.database_url" in out
+    target = make_engine(url)
+    try:
+        assert _counts(target)["instances"] == 1
     finally:
         target.dispose()

@@ -131,6 +131,8 @@ def cmd_db(config: Config, args: argparse.Namespace) -> int:
 
     engine = database_engine(config)
     try:
+        if args.action == "copy":
+            return _copy_database(engine, args)
         if args.action == "upgrade":
             migrate.upgrade(engine, args.revision or "head")
         elif args.action == "downgrade":
@@ -140,6 +142,23 @@ def cmd_db(config: Config, args: argparse.Namespace) -> int:
     finally:
         engine.dispose()
     print(f"database {args.action}: done")
+    return EXIT_OK
+
+
+def _copy_database(source: Any, args: argparse.Namespace) -> int:
+    from dicomnode.db import make_engine
+    from dicomnode.node.dbcopy import copy_database
+
+    if not args.to:
+        print("db copy needs --to URL (the empty target database)", file=sys.stderr)
+        return EXIT_FAILURE
+    target = make_engine(args.to)
+    try:
+        report = copy_database(source, target)
+    finally:
+        target.dispose()
+    rows = ", ".join(f"{count} {table}" for table, count in report.rows.items())
+    print(f"database copied ({rows}); now set storage.database_url to the target and start the node")
     return EXIT_OK
 
 
@@ -212,9 +231,10 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=10.0)
     p.set_defaults(func=cmd_echo)
 
-    p = sub.add_parser("db", parents=[common], help="database migrations")
-    p.add_argument("action", choices=["upgrade", "downgrade", "check"])
-    p.add_argument("revision", nargs="?")
+    p = sub.add_parser("db", parents=[common], help="database migrations, and copying to another database")
+    p.add_argument("action", choices=["upgrade", "downgrade", "check", "copy"])
+    p.add_argument("revision", nargs="?", help="for upgrade/downgrade (default head/base)")
+    p.add_argument("--to", help="db copy: the target database URL (e.g. postgresql+psycopg://node@db/node)")
     p.set_defaults(func=cmd_db)
 
     p = sub.add_parser(
