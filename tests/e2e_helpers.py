@@ -279,7 +279,7 @@ def write_node_config(
     return path
 
 
-def serve_argv(config_path: Path, port_file: Path) -> list[str]:
+def serve_argv(config_path: Path, port_file: Path, *extra: str) -> list[str]:
     """``python -m dicomnode --config CFG serve --port-file PF``: the node as an operator starts it."""
     return [
         sys.executable,
@@ -290,14 +290,16 @@ def serve_argv(config_path: Path, port_file: Path) -> list[str]:
         "serve",
         "--port-file",
         str(port_file),
+        *extra,
     ]
 
 
 class NodeProcess:
     """``python -m dicomnode --config CFG serve --port-file PF`` with its log in a file."""
 
-    def __init__(self, config_path: Path) -> None:
+    def __init__(self, config_path: Path, *serve_args: str) -> None:
         self.config_path = config_path
+        self.serve_args = serve_args  # e.g. ("--roles", "listener,sender")
         self.workdir = config_path.parent
         self.port_file = self.workdir / "node.port"
         self.log_path = self.workdir / "node.log"
@@ -329,7 +331,7 @@ class NodeProcess:
         self.port_file.unlink(missing_ok=True)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                serve_argv(self.config_path, self.port_file),
+                serve_argv(self.config_path, self.port_file, *self.serve_args),
                 cwd=self.workdir,
                 stdout=log,
                 stderr=subprocess.STDOUT,

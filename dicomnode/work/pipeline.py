@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import threading
 import time
 from collections import defaultdict
@@ -37,6 +36,7 @@ from dicomnode.db import Job, Outbox, Result
 from dicomnode.errors import ConfigurationError, ModelUnavailableError
 from dicomnode.findings import StudyFindings
 from dicomnode.imaging.preprocess import decode_display_image
+from dicomnode.node.process import instance_name
 from dicomnode.node.services import Services, open_services
 from dicomnode.queue.jobs import ClaimedJob
 from dicomnode.report.bundle import EncodedObject, KeyImageInput, build_result_objects
@@ -182,7 +182,7 @@ class Worker:
             max_batch_size=config.worker.max_batch_size,
             cpu_threads=model_cpu_threads(),
         )
-        self.owner = f"{socket.gethostname()}:{os.getpid()}"
+        self.owner = instance_name(config)  # the lease owner: stable per supervised child
         self.store = services.store()
         self.watchdog = Watchdog(services, config.worker.lease_seconds)
         self._decoders: ThreadPoolExecutor | None = None  # one thread per decode process
