@@ -219,11 +219,17 @@ class Worker:
         """Assemble stable studies, then claim up to ``max_batch_size`` queued jobs."""
         queue = self.services.queue
         queue.requeue_expired()
+        studies = self.config.studies
         queue.assemble_stable_studies(
-            self.config.studies.stable_after_seconds, self.config.worker.max_attempts
+            studies.stable_after_seconds,
+            self.config.worker.max_attempts,
+            stat_calling_ae_titles=studies.stat_calling_ae_titles,
         )
         return queue.claim_many(
-            self.owner, self.config.worker.lease_seconds, self.config.worker.max_batch_size
+            self.owner,
+            self.config.worker.lease_seconds,
+            self.config.worker.max_batch_size,
+            priority_aging_seconds=studies.priority_aging_seconds,
         )
 
     def run(self, stop: Any, *, burst: bool = False) -> None:
