@@ -45,8 +45,11 @@ class ResultStore:
             )
         )
 
-    def predecessor_sr(self, study_id: int, job_id: int, model_name: str) -> StoredObject | None:
-        """The SR ``model_name`` made for the study in its newest other job, or None."""
+    def predecessor_sr(self, study_id: int, job_id: int | None, model_name: str) -> StoredObject | None:
+        """The SR ``model_name`` made for the study in its newest job other than ``job_id``, or None.
+
+        Only the newest such result is read: if it holds no SR, there is no predecessor.
+        """
         with self.sessions() as session:
             objects_json = session.scalar(
                 select(Result.objects_json)
