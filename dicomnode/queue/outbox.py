@@ -12,20 +12,24 @@ One row per (destination, result object). Three users, three parts of :class:`Ou
 * the **inventory** (``dicomnode retry``, ``dicomnode status``) calls :meth:`~OutboxQueue.retry` and
   :meth:`~OutboxQueue.summary`.
 
-How the worker's ``_commit`` calls it (``EncodedObject`` from ``dicomnode.report.bundle``, ``path``
-relative to the storage folder)::
+How the worker switches over (checked against ``tests/test_worker.py``): build
+``self.outbox = OutboxQueue(services.sessions, [d.name for d in config.destinations])`` and
+``self.results = ResultStore(services.sessions)`` once in ``Worker.__init__``; in
+``_build_objects`` keep each written ``EncodedObject`` (``dicomnode.report.bundle``) as
+``objects.append(StoredObject.of(obj, str(path.relative_to(root))))`` instead of a dict (so
+``_Written.outputs`` becomes ``list[tuple[StudyFindings, list[StoredObject]]]``); and ``_commit``
+becomes::
 
-    stored = [StoredObject.of(obj, str(path.relative_to(root))) for obj, path in written]
     with self.services.queue.transaction() as session:
-        for findings, objects in result.outputs:           # objects: list[StoredObject]
+        for findings, objects in result.outputs:
             self.results.add(session, job.id, findings, objects)
             self.outbox.enqueue(session, job, objects)
-        ...                                                 # routing_json, as today
+        ...                                    # routing_json, as today
         self.services.queue.complete(job, outcome, session=session)
 
-with ``self.outbox = OutboxQueue(services.sessions, [d.name for d in config.destinations])`` and
-``self.results = ResultStore(services.sessions)`` built once. :meth:`enqueue` only adds rows to the
-caller's session: the caller's transaction commits or rolls back everything together.
+``_predecessor`` calls :meth:`dicomnode.queue.results.ResultStore.predecessor_sr`. :meth:`enqueue`
+only adds rows to the caller's session: the caller's transaction commits or rolls back everything
+together.
 
 Claims are conditional UPDATEs and every write is plain SQL through SQLAlchemy, so the same code
 runs on SQLite and PostgreSQL (``tests/test_outbox.py`` is written as a contract for both).
