@@ -26,7 +26,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode import migrate
 from dicomnode.config import DeliveryConfig, DestinationConfig
 from dicomnode.db import DeliveryState, Job, Outbox, Study, make_engine, make_sessionmaker, utcnow
-from dicomnode.deliver.sender import Sender, Verdict, backoff_seconds, classify_status
+from dicomnode.deliver.sender import Sender
+from dicomnode.deliver.status import Verdict, backoff_seconds, classify_rejection, classify_status
+from dicomnode.net.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from dicomnode.queue.outbox import OutboxQueue
 
 STUDY_UID = "1.2.826.0.1.3680043.8.498.1"
 OTHER_STUDY_UID = "1.2.826.0.1.3680043.8.498.2"
@@ -268,7 +271,6 @@ def test_refused_sop_class_is_dead_at_once(
 @pytest.mark.parametrize(
     ("flags", "expected"),
     [
-        (("--refuse",), "association rejected"),
         (("--abort-during",), "aborted"),
         (("--abort-after",), "aborted"),
         (("--sleep-during", "5"), "no C-STORE response"),
@@ -300,6 +302,100 @@ def test_transient_peer_faults_are_retried(
     assert row.state is DeliveryState.PENDING and row.attempts == 1
     assert expected in (row.last_error or "")
     assert before <= row.next_attempt_at <= utcnow() + timedelta(seconds=5)
+
+
+def test_permanent_association_rejection_is_dead_at_once(
+    tmp_path: Path, sessions: sessionmaker[Session], storage: Path, peers: list[Any]
+) -> None:
+    """storescp --refuse answers A-ASSOCIATE-RJ "rejected-permanent": dead at the first attempt (not
+    retried for 72 h), the reason naming the result, source and reason of the rejection."""
+    peer = start_storescp(tmp_path, "--refuse")
+    peers.append(peer)
+    row_id = add_result(sessions, storage, "CT_small.dcm")
+    sender = make_sender(sessions, storage, destination(peer.port))
+
+    assert sender.run_once() == 1
+
+    row = outbox(sessions, row_id)
+    assert (row.state, row.attempts, row.last_status) == (DeliveryState.DEAD, 1, None)
+    error = row.last_error or ""
+    assert "association rejected by STORESCP@127.0.0.1" in error
+    assert "rejected-permanent" in error and "Service User" in error and "No reason given" in error
+    assert sender.run_once(now=later(3600)) == 0  # never picked up again without dicomnode retry
+    assert peer.received() == []
+
+
+def test_transient_association_rejection_is_retried(sessions: sessionmaker[Session], storage: Path) -> None:
+    """A pynetdicom SCP at its association limit answers "rejected-transient": the row stays pending
+    with a backoff and is delivered once the peer has room again."""
+    ae = AE(ae_title="BUSYSCP")
+    ae.supported_contexts = AllStoragePresentationContexts
+    ae.add_supported_context("1.2.840.10008.1.1")
+    ae.maximum_associations = 1
+    server = ae.start_server(
+        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000)]
+    )
+    assert isinstance(server, ThreadedAssociationServer)
+    holder = AE(ae_title="HOLDER")
+    holder.add_requested_context("1.2.840.10008.1.1")
+    try:
+        port = server.server_address[1]
+        busy = holder.associate("127.0.0.1", port, ae_title="BUSYSCP")
+        assert busy.is_established
+        row_id = add_result(sessions, storage, "CT_small.dcm")
+        sender = make_sender(sessions, storage, destination(port, "BUSYSCP"))
+        now = utcnow()
+        assert sender.run_once(now=now) == 1
+        row = outbox(sessions, row_id)
+        assert (row.state, row.attempts) == (DeliveryState.PENDING, 1)
+        assert "rejected-transient" in (row.last_error or "")
+        assert "Local limit exceeded" in (row.last_error or "")
+        assert now <= row.next_attempt_at <= now + timedelta(seconds=5)
+
+        busy.release()
+        wait_for(lambda: not [a for a in ae.active_associations if a.is_acceptor])
+        assert sender.run_once(now=later(301)) == 1
+        assert outbox(sessions, row_id).state is DeliveryState.DELIVERED
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("result", "verdict", "name"),
+    [
+        (1, Verdict.DEAD, "rejected-permanent"),
+        (2, Verdict.RETRY, "rejected-transient"),
+        (7, Verdict.RETRY, "0x07"),
+    ],
+)
+def test_classify_rejection(result: int, verdict: Verdict, name: str) -> None:
+    """A-ASSOCIATE-RJ result 1 is permanent, 2 (and anything unknown) is retried; the text names it."""
+    outcome = classify_rejection("PACS@host:104", result, "Service User", "No reason given")
+    assert outcome.verdict is verdict
+    assert name in outcome.reason and "Service User" in outcome.reason and "No reason given" in outcome.reason
+
+
+def test_sender_announces_dicomnode_identity(sessions: sessionmaker[Session], storage: Path) -> None:
+    """The A-ASSOCIATE-RQ carries dicomnode's Implementation Class UID and Version Name (the ones the
+    listener announces), not pynetdicom's."""
+    seen: list[tuple[str, str]] = []
+
+    def handle_store(event: evt.Event) -> int:
+        requestor = event.assoc.requestor
+        seen.append((str(requestor.implementation_class_uid), str(requestor.implementation_version_name)))
+        return 0x0000
+
+    ae = AE(ae_title="IDSCP")
+    ae.supported_contexts = AllStoragePresentationContexts
+    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, handle_store)])
+    assert isinstance(server, ThreadedAssociationServer)
+    try:
+        row_id = add_result(sessions, storage, "CT_small.dcm")
+        assert make_sender(sessions, storage, destination(server.server_address[1], "IDSCP")).run_once() == 1
+    finally:
+        server.shutdown()
+    assert outbox(sessions, row_id).state is DeliveryState.DELIVERED
+    assert seen == [(IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME)]
 
 
 def test_peer_down_is_retried_with_growing_backoff(sessions: sessionmaker[Session], storage: Path) -> None:
@@ -411,20 +507,21 @@ def test_retry_brings_dead_rows_back(
         study_instance_uid=OTHER_STUDY_UID,
     )
     sender = make_sender(sessions, storage, destination(port))
+    queue = OutboxQueue(sessions, ["pacs"])
     sender.run_once()
     assert outbox(sessions, first).state is outbox(sessions, second).state is DeliveryState.DEAD
-    assert sender.summary() == {"pacs": {"pending": 0, "delivered": 0, "dead": 2}}
+    assert queue.summary() == {"pacs": {"pending": 0, "delivered": 0, "dead": 2}}
 
-    assert sender.retry(job_id=outbox(sessions, first).job_id) == 1
+    assert queue.retry(job_id=outbox(sessions, first).job_id) == 1
     row = outbox(sessions, first)
     assert (row.state, row.attempts) == (DeliveryState.PENDING, 0)
     assert outbox(sessions, second).state is DeliveryState.DEAD
-    assert sender.retry(study_instance_uid=OTHER_STUDY_UID) == 1
+    assert queue.retry(study_instance_uid=OTHER_STUDY_UID) == 1
 
     peer = start_storescp(tmp_path, port=port)
     peers.append(peer)
     assert sender.run_once() == 2
-    assert sender.summary() == {"pacs": {"pending": 0, "delivered": 2, "dead": 0}}
+    assert queue.summary() == {"pacs": {"pending": 0, "delivered": 2, "dead": 0}}
     assert len(peer.received()) == 2
 
 
@@ -500,7 +597,7 @@ def test_delivers_to_orthanc(
     assert orthanc.sop_instance_uids() == uids
 
     # at-least-once: sending again (as after a crash before the commit) leaves one copy each
-    assert sender.retry(study_instance_uid=STUDY_UID) == 0  # delivered rows are not retried
+    assert OutboxQueue(sessions).retry(study_instance_uid=STUDY_UID) == 0  # delivered rows are not retried
     with sessions.begin() as session:
         for row in session.scalars(select(Outbox)):
             row.state = DeliveryState.PENDING

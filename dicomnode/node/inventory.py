@@ -15,6 +15,7 @@ from dicomnode.config import Config
 from dicomnode.db import DeliveryState, Instance, Job, JobState, Outbox, Study
 from dicomnode.node.process import read_runtime_state
 from dicomnode.node.services import Services
+from dicomnode.queue.outbox import OutboxQueue
 
 
 def study_state(pending_instances: int, job: Job | None, deliveries: Counter[str]) -> str:
@@ -168,9 +169,11 @@ def _listener(config: Config) -> dict[str, Any]:
 
 
 def retry(services: Services, target: str) -> tuple[int, int]:
-    """Requeue failed jobs and dead deliveries of a job id or a Study Instance UID."""
-    from dicomnode.deliver.sender import Sender
+    """Requeue failed jobs and dead deliveries of a job id or a Study Instance UID.
 
+    Both writes go through ``queue/``: the jobs through :class:`~dicomnode.queue.jobs.JobQueue`,
+    the deliveries through :class:`~dicomnode.queue.outbox.OutboxQueue`.
+    """
     with services.sessions() as session:
         if target.isdigit():
             job_ids = list(session.scalars(select(Job.id).where(Job.id == int(target))))
@@ -181,9 +184,9 @@ def retry(services: Services, target: str) -> tuple[int, int]:
             session.scalars(select(Job.id).where(Job.id.in_(job_ids), Job.state == JobState.FAILED))
         )
     jobs = services.queue.requeue(failed) if failed else 0
-    sender = Sender.from_config(services.config, services.sessions)
+    outbox = OutboxQueue(services.sessions, [d.name for d in services.config.destinations])
     if target.isdigit():
-        deliveries = sender.retry(job_id=int(target))
+        deliveries = outbox.retry(job_id=int(target))
     else:
-        deliveries = sender.retry(study_instance_uid=target)
+        deliveries = outbox.retry(study_instance_uid=target)
     return jobs, deliveries
