@@ -1,27 +1,24 @@
 """The outbox and results contract: OutboxQueue and ResultStore on a real database.
 
-Written once for every backend: the ``backend`` fixture gives a migrated database per test, today a
-SQLite file under ``tmp_path``; PostgreSQL runs the same tests when ``DICOMNODE_TEST_POSTGRES_URL``
-names an empty database (skipped otherwise). Jobs are made the way the node makes them, through
+Written once for every backend: the ``backend`` fixture gives a migrated database per test, a SQLite
+file under ``tmp_path`` and a fresh database on a real PostgreSQL server the tests start. Jobs are
+made the way the node makes them, through
 :class:`~dicomnode.queue.jobs.JobQueue`.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from pathlib import Path
 
 import pytest
 from pydicom.uid import generate_uid
-from sqlalchemy import select, text
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode import migrate
 from dicomnode.db import (
-    Base,
     DeliveryState,
     Job,
     JobState,
@@ -61,16 +58,11 @@ class Backend:
     results: ResultStore
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]:
-    """One backend per parameter; add one here and every test below runs against it."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path}/outbox.sqlite"
-    else:
-        url = os.environ.get("DICOMNODE_TEST_POSTGRES_URL", "")
-        if not url:
-            pytest.skip("DICOMNODE_TEST_POSTGRES_URL is not set")
-    engine = make_engine(url)
+@pytest.fixture
+def backend(database_url: str) -> Iterator[Backend]:
+    """A migrated database on each backend in turn (conftest's ``database_url``: a SQLite file, and a
+    fresh database on the PostgreSQL server the tests start); every test below runs on both."""
+    engine = make_engine(database_url)
     migrate.upgrade(engine)
     sessions = make_sessionmaker(engine)
     try:
@@ -78,10 +70,6 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
             sessions, JobQueue(sessions), OutboxQueue(sessions, DESTINATIONS), ResultStore(sessions)
         )
     finally:
-        if request.param != "sqlite":  # leave the shared database empty for the next test
-            Base.metadata.drop_all(engine)
-            with engine.begin() as connection:
-                connection.execute(text("DROP TABLE IF EXISTS alembic_version"))
         engine.dispose()
 
 
