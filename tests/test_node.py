@@ -70,3 +70,21 @@ def test_log_level_override_reaches_every_child(tmp_path: Path) -> None:
             process.wait(10)
         log.close()
     assert process.returncode == 0, (tmp_path / "node.log").read_text(errors="replace")[-3000:]
+
+
+def test_unknown_role_is_refused_naming_the_valid_ones(tmp_path: Path) -> None:
+    """``serve --roles`` names the roles it knows when given one it does not."""
+    config_path = write_node_config(
+        tmp_path / "node.toml", models_dir=tmp_path / "models", destination_ae="PACS", destination_port=9
+    )
+    result = subprocess.run(
+        [*CLI, "--config", str(config_path), "serve", "--roles", "listener,gpu"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert (
+        "--roles" in result.stderr and "gpu" in result.stderr and "listener, worker, sender" in result.stderr
+    )

@@ -16,10 +16,17 @@ logger = logging.getLogger("dicomnode")
 
 
 def cmd_serve(config: Config, args: argparse.Namespace) -> int:
-    from dicomnode.node.serve import serve
+    from dicomnode.node.serve import parse_roles, serve
 
-    _warn_missing_models(config)
-    return serve(config, port_file=Path(args.port_file) if args.port_file else None, log_level=args.log_level)
+    roles = parse_roles(args.roles)
+    if "worker" in roles:
+        _warn_missing_models(config)
+    return serve(
+        config,
+        port_file=Path(args.port_file) if args.port_file else None,
+        log_level=args.log_level,
+        roles=roles,
+    )
 
 
 def cmd_worker(config: Config, args: argparse.Namespace) -> int:
