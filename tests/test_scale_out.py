@@ -111,10 +111,9 @@ def test_two_worker_hosts_share_one_queue_and_survive_a_kill(
         sources = make_radiographs(tmp_path / "modality")
         send_by_syntax(sources, receiver.port, receiver.ae_title)
 
-        def running_on_gpu_1() -> bool:
-            with sessions() as session:
-                owners = session.scalars(select(Job.lease_owner).where(Job.state == JobState.RUNNING)).all()
-            return workers[0].jobs_done() >= 1 and any((o or "").startswith("gpu-1/") for o in owners)
+        def running_on_gpu_1() -> bool:  # as an operator sees it: `dicomnode status` names the lease owners
+            owners = receiver.cli_json("status", "--json")["running_on"]
+            return workers[0].jobs_done() >= 1 and any(o.startswith("gpu-1/worker-") for o in owners)
 
         wait_for(running_on_gpu_1, "gpu-1 done with one job and running another", TIMEOUT, 0.1)
         workers[0].kill()  # mid-batch: its running jobs are orphaned until their lease runs out
@@ -142,6 +141,8 @@ def test_two_worker_hosts_share_one_queue_and_survive_a_kill(
             jobs = session.scalars(select(Job)).all()
         assert len(jobs) == len({j.study_id for j in jobs}) == len(sources)
         assert any(j.attempts >= 2 for j in jobs), "a job of the killed host ran again"
+        studies = receiver.cli_json("studies", "--json")
+        assert {job["priority"] for study in studies for job in study["jobs"]} == {"routine"}
     finally:
         for worker in workers:
             worker.stop()

@@ -96,6 +96,8 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     print(f"listener: {listener['ae_title']} on {listener['host']}:{listener['port']}")
     print(f"studies: {status['studies']}  instances: {status['instances']}")
     print("jobs: " + ", ".join(f"{k} {v}" for k, v in status["jobs"].items()))
+    if status["running_on"]:
+        print("running on: " + ", ".join(f"{owner} {n}" for owner, n in status["running_on"].items()))
     print("deliveries: " + ", ".join(f"{k} {v}" for k, v in status["deliveries"].items()))
     disk = status["disk"]
     print(

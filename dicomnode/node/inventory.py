@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import Config
-from dicomnode.db import DeliveryState, Instance, Job, JobState, Outbox, Study
+from dicomnode.db import DeliveryState, Instance, Job, JobPriority, JobState, Outbox, Study
 from dicomnode.node.process import read_runtime_state
 from dicomnode.node.services import Services
 from dicomnode.queue.outbox import OutboxQueue
@@ -83,6 +83,8 @@ def list_studies(sessions: sessionmaker[Session], storage_root: Path) -> list[di
                             "id": j.id,
                             "state": j.state.value,
                             "attempts": j.attempts,
+                            "priority": JobPriority(j.priority).name.lower(),
+                            "lease_owner": j.lease_owner,
                             "outcome": j.outcome,
                             "error": j.error,
                             "created_at": j.created_at.isoformat(),
@@ -123,6 +125,13 @@ def node_status(sessions: sessionmaker[Session], config: Config) -> dict[str, An
             select(Outbox.state, func.count(Outbox.id)).group_by(Outbox.state)
         ):
             deliveries[delivery_state.value] = count
+        running_on = dict(
+            session.execute(
+                select(Job.lease_owner, func.count(Job.id))
+                .where(Job.state == JobState.RUNNING)
+                .group_by(Job.lease_owner)
+            ).all()
+        )
         dead = session.execute(
             select(Outbox.destination, Outbox.study_instance_uid, Outbox.sop_instance_uid, Outbox.last_error)
             .where(Outbox.state == DeliveryState.DEAD)
@@ -136,6 +145,7 @@ def node_status(sessions: sessionmaker[Session], config: Config) -> dict[str, An
         "studies": studies,
         "instances": instances,
         "jobs": jobs,
+        "running_on": {str(owner): int(count) for owner, count in sorted(running_on.items(), key=str)},
         "deliveries": deliveries,
         "dead_letters": [
             {"destination": d, "study_instance_uid": s, "sop_instance_uid": u, "reason": r}
