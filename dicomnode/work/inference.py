@@ -101,12 +101,21 @@ def route_files(config: Config, items: Sequence[tuple[Any, Path, str | None]]) -
     for key, path, calling_ae in items:
         try:
             header = read_header(path)
-        except Exception as exc:
-            decision = RouteDecision(None, None, f"unreadable header: {type(exc).__name__}")
+        except Exception as exc:  # RecursionError too: the header of an untrusted file
+            decision = RouteDecision(None, None, header_unreadable(exc))
             routed.append(ImageInput(key, path, Dataset(), decision, error=decision.reason))
             continue
         routed.append(ImageInput(key, path, header, route_image(config.routes, header, calling_ae)))
     return routed
+
+
+HEADER_UNREADABLE = "header unreadable"
+
+
+def header_unreadable(exc: BaseException) -> str:
+    """Why a header could not be read, by exception type only (its text may quote the file)."""
+    cause = exc.__cause__ if isinstance(exc, InvalidDatasetError) and exc.__cause__ else exc
+    return f"{HEADER_UNREADABLE}: {type(cause).__name__}"
 
 
 def decode_inputs(
@@ -122,11 +131,22 @@ def decode_inputs(
     With ``display_max_size``, images of image-classification models (each of which gets a key
     image) also get their display image (``image.display``) from the same decode.
     """
+    for image in images:
+        decode_one(image, registry, pool, timeout_s, display_max_size=display_max_size)
+
+
+def decode_one(
+    image: ImageInput,
+    registry: ModelRegistry,
+    pool: DecodePool | None,
+    timeout_s: float,
+    *,
+    display_max_size: int | None = None,
+) -> None:
+    """Decode one routed image (see :func:`decode_inputs`); an error stays with the image."""
     from dicomnode.imaging.preprocess import decode_model_input, decode_model_input_and_display
 
-    for image in images:
-        if image.decision.model is None or image.error:
-            continue
+    if image.decision.model is not None and not image.error:
         card = registry.package(image.decision.model).card
         spec = card.preprocessing
         with_display = display_max_size is not None and card.task == "image-classification"
