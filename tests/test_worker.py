@@ -156,7 +156,7 @@ def test_volume_model_sees_the_series_sorted_by_position(tmp_path: Path) -> None
         with services.sessions() as session:
             jobs = session.query(Job).all()
             assert {j.state for j in jobs} == {JobState.DONE} and {j.outcome for j in jobs} == {"reported"}
-            objects = json.loads(session.query(Result).first().objects_json)  # type: ignore[union-attr]
+            objects = json.loads(session.query(Result).first().objects_json or "[]")  # type: ignore[union-attr]
         sr = hd.sr.srread(config.storage.path / objects[0]["path"])
         assert sr.StudyInstanceUID in by_study
     finally:

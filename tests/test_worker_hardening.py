@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from io import BytesIO
 from pathlib import Path
 from typing import Any, TypeVar
@@ -176,7 +177,7 @@ def test_a_hanging_decode_costs_only_its_image(tmp_path: Path) -> None:
             try:
                 started = time.monotonic()
                 for study in others:
-                    job = wait_for(lambda s=study: done(services, s), "the other jobs", decode_timeout)
+                    job = wait_for(partial(done, services, study), "the other jobs", decode_timeout)
                     assert job.state == JobState.DONE and job.outcome == "reported"
                 assert time.monotonic() - started < decode_timeout
                 assert done(services, hanging) is None  # still decoding its stub
