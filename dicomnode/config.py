@@ -158,7 +158,7 @@ class WorkerConfig:
     # CPU priority of the worker and its decode/report processes, so that reception stays fast
     # while a model runs or loads: the niceness it raises itself to, and the Linux scheduling policy
     nice: int = 10
-    cpu_policy: str = "batch"  # "batch" (SCHED_BATCH) or "normal" (SCHED_OTHER)
+    cpu_policy: str = "batch"  # "batch" (SCHED_BATCH), "idle" (SCHED_IDLE) or "normal" (SCHED_OTHER)
 
 
 @dataclass(frozen=True)
@@ -305,7 +305,7 @@ def config_from_mapping(data: Mapping[str, Any], *, base_dir: Path, source: Path
             lease_seconds=_float(worker, "worker.lease_seconds", 1.0, 86400.0),
             device=_choice(worker, "worker.device", ("auto", "cpu", "cuda")),
             nice=_int(worker, "worker.nice", 0, 19),
-            cpu_policy=_choice(worker, "worker.cpu_policy", ("batch", "normal")),
+            cpu_policy=_choice(worker, "worker.cpu_policy", ("batch", "idle", "normal")),
         ),
         routes=_routes(data.get("routes", DEFAULTS["routes"])),
         delivery=DeliveryConfig(

@@ -39,7 +39,16 @@ class CpuPriority(NamedTuple):
     """How politely a process uses the CPU: its niceness and its scheduling policy."""
 
     nice: int = 10  # 0 (normal) to 19 (only when nothing else wants the CPU)
-    policy: str = "batch"  # "batch": SCHED_BATCH (no wake-up preemption); "normal": SCHED_OTHER
+    # "batch": SCHED_BATCH (no wake-up preemption); "idle": SCHED_IDLE (only CPU nobody else
+    # wants); "normal": SCHED_OTHER
+    policy: str = "batch"
+
+
+_POLICIES = {
+    "batch": getattr(os, "SCHED_BATCH", 0),
+    "idle": getattr(os, "SCHED_IDLE", 0),
+    "normal": getattr(os, "SCHED_OTHER", 0),
+}
 
 
 def apply_cpu_priority(priority: CpuPriority) -> CpuPriority:
@@ -55,7 +64,7 @@ def apply_cpu_priority(priority: CpuPriority) -> CpuPriority:
             os.setpriority(os.PRIO_PROCESS, 0, priority.nice)
         except OSError as exc:
             logger.warning("could not set niceness %d (%s)", priority.nice, exc.strerror)
-    policy = os.SCHED_BATCH if priority.policy == "batch" else os.SCHED_OTHER
+    policy = _POLICIES[priority.policy]
     if hasattr(os, "sched_setscheduler") and os.sched_getscheduler(0) != policy:
         try:
             os.sched_setscheduler(0, policy, os.sched_param(0))
@@ -67,8 +76,9 @@ def apply_cpu_priority(priority: CpuPriority) -> CpuPriority:
 def current_cpu_priority(pid: int = 0) -> CpuPriority:
     """The niceness and scheduling policy of process ``pid`` (0: this one)."""
     nice = os.getpriority(os.PRIO_PROCESS, pid)
-    batch = hasattr(os, "sched_getscheduler") and os.sched_getscheduler(pid) == os.SCHED_BATCH
-    return CpuPriority(nice, "batch" if batch else "normal")
+    policy = os.sched_getscheduler(pid) if hasattr(os, "sched_getscheduler") else os.SCHED_OTHER
+    names = {number: name for name, number in _POLICIES.items()}
+    return CpuPriority(nice, names.get(policy, "normal"))
 
 
 def _worker_main(

@@ -352,10 +352,10 @@ def test_run_worker_lowers_its_own_priority(tmp_path: Path) -> None:
 
 
 def test_cpu_priority_settings_are_validated(tmp_path: Path) -> None:
-    """[worker] nice is 0..19 and cpu_policy batch or normal, with the key named on error."""
+    """[worker] nice is 0..19 and cpu_policy batch, idle or normal, with the key named on error."""
     config: Config = make_config(tmp_path)
     assert (config.worker.nice, config.worker.cpu_policy) == (10, "batch")
     with pytest.raises(ConfigurationError, match=r"worker\.nice"):
         make_config(tmp_path, worker={"nice": 25})
     with pytest.raises(ConfigurationError, match=r"worker\.cpu_policy"):
-        make_config(tmp_path, worker={"cpu_policy": "idle"})
+        make_config(tmp_path, worker={"cpu_policy": "fifo"})

@@ -26,6 +26,7 @@ from typing import Protocol
 
 from dicomnode.config import Config
 from dicomnode.errors import ConfigurationError, ModelUnavailableError
+from dicomnode.fsio import durable_write
 from dicomnode.node.services import Services, open_services
 from dicomnode.queue.jobs import ClaimedJob
 from dicomnode.sandbox import CpuPriority, DecodePool, apply_cpu_priority
@@ -93,6 +94,10 @@ class Worker:
         )
         self.owner = f"{socket.gethostname()}:{os.getpid()}"
         self.store = services.store()
+        # Each result file fsynced as it is written, by this worker: left dirty until the chunk's
+        # syncfs, the listener's syncfs (one per acknowledgement) would write them out for us and
+        # make reception wait. The chunk's flush still covers the new folders.
+        self.store.file_writer = durable_write
         self.watchdog = Watchdog(services, config.worker.lease_seconds)
         self.backoff = Backoff()
         # one thread per decode process, each decoding one image at a time
