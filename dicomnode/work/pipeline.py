@@ -36,6 +36,7 @@ from dicomnode.work.inference import (
     compute_heatmaps,
     decode_inputs,
     decode_one,
+    model_cpu_threads,
     predict,
     route_files,
 )
@@ -402,21 +403,6 @@ def pipeline_chunks(jobs: list[ClaimedJob]) -> list[list[ClaimedJob]]:
         return [list(jobs)] if jobs else []
     middle = (len(jobs) + 1) // 2
     return [list(jobs[:middle]), list(jobs[middle:])]
-
-
-def model_cpu_threads() -> int:
-    """Torch threads for a model on the CPU: one core fewer than this process may use.
-
-    The reporter thread (building the previous batch's results), the decode processes and the
-    listener run beside the model; a model with as many threads as cores then loses far more to
-    oversubscription (its threads wait for each other at every operator) than the one core gives
-    (measured on 2 cores: 5.3-6.2 against 3.9-4.2 studies/s), and reception slows down.
-    """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return max(1, cores - 1)
 
 
 def run_worker(config: Config, *, burst: bool = False) -> int:
