@@ -10,13 +10,20 @@ over one association and over four parallel associations (the files dealt into f
 * ``dicomnode`` ``dicomnode serve`` (fsync of file and folder, SQLite row committed before success).
 * ``orthanc``   ``/usr/sbin/Orthanc`` (fsync of file, SQLite index committed before success).
 
+* ``dicomnode-busy`` the same node with its worker busy: the default chest model installed, a queue
+  of chest radiographs (``--busy-studies``, 1024x1024 PA views) sent first, and the clock started
+  only once the worker has finished a job (torch loaded, the model running); the queue must still
+  hold jobs when the send ends, else the cell is flagged. Targets: >= 0.8x idle dicomnode, >= 1.2x
+  Orthanc.
+
 Every measurement gets a fresh receiver with empty storage, started and idle before the clock starts.
 Wall time runs from starting the storescu processes until all have exited; then every instance is
 checked to have arrived (files for storescp, ``dicomnode studies --json``, Orthanc ``/statistics``).
 Compare ratios within one run, never absolute numbers across machines.
 
-    python benchmarks/ingest.py [--quick] [--receivers storescp,dicomnode,orthanc] [--json OUT]
-                                [--repeat N] [--dicomnode-set node.max_pdu_size=0 ...]
+    python benchmarks/ingest.py [--quick] [--receivers storescp,dicomnode,dicomnode-busy,orthanc]
+                                [--json OUT] [--repeat N] [--busy-studies N]
+                                [--dicomnode-set node.max_pdu_size=0 ...]
 
 ``PYTHONPATH=/some/copy`` runs a modified copy of the dicomnode package (it is started with
 ``python -m dicomnode``).
@@ -31,6 +38,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -43,13 +51,15 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _workloads import Workload, generate_workloads
+from _workloads import Workload, generate_dx, generate_workloads
 
 HOST = "127.0.0.1"
 CALLING_AE = "BENCHSCU"
 ORTHANC_BINARY = "/usr/sbin/Orthanc"
-ALL_RECEIVERS = ("storescp", "dicomnode", "orthanc")
-TARGET_VS_ORTHANC = 1.2  # dicomnode >= 1.2x Orthanc on every workload
+ALL_RECEIVERS = ("storescp", "dicomnode", "dicomnode-busy", "orthanc")
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"  # the default model, for dicomnode-busy
+TARGET_VS_ORTHANC = 1.2  # dicomnode >= 1.2x Orthanc on every workload (with a busy worker too)
+TARGET_BUSY_VS_IDLE = 0.8  # dicomnode with its worker busy >= 0.8x dicomnode with an idle one
 TARGET_VS_STORESCP_CT_SINGLE = 0.5  # dicomnode >= 0.5x storescp on CT over one association
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
@@ -301,6 +311,49 @@ class DicomNode(Receiver):
         return sum(len(study["instances"]) for study in json.loads(out))
 
 
+class DicomNodeBusy(DicomNode):
+    """dicomnode whose worker runs the chest model on a queue of studies throughout the send."""
+
+    name = "dicomnode-busy"
+    queue: Workload | None = None  # the chest studies sent (untimed) before the measured send
+    models_dir = MODELS_DIR
+
+    def _config(self) -> str:
+        busy = [f'models.path="{self.models_dir}"', "studies.stable_after_seconds=0.5"]
+        busy.append("worker.poll_interval_seconds=0.5")
+        self.overrides = [*busy, *self.overrides]
+        return super()._config()
+
+    def _jobs(self) -> dict[str, int]:
+        """Jobs by state, read from the node's SQLite file (cheaper than ``dicomnode studies``)."""
+        path = self.workdir / "storage" / "db.sqlite"
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as db:
+            rows = db.execute("SELECT lower(state), count(*) FROM jobs GROUP BY 1").fetchall()
+        return {str(state): int(count) for state, count in rows}
+
+    def load(self, logdir: Path) -> None:
+        """Send the chest queue and wait until the worker has finished a job (model loaded)."""
+        assert self.queue is not None
+        send(self, self.queue.split(2), logdir)
+
+        def one_done() -> bool:
+            try:
+                return self._jobs().get("done", 0) > 0
+            except sqlite3.Error:
+                return False
+
+        wait_until(one_done, 300.0, "dicomnode-busy: first job done", self.process)
+
+    def still_busy(self) -> int:
+        """Jobs queued or running now (after the measured send)."""
+        jobs = self._jobs()
+        return jobs.get("queued", 0) + jobs.get("running", 0)
+
+    def received(self) -> int:
+        assert self.queue is not None
+        return super().received() - self.queue.count
+
+
 class Orthanc(Receiver):
     name = "orthanc"
     ae_title = "ORTHANC"
@@ -343,6 +396,7 @@ RECEIVER_CLASSES: dict[str, type[Receiver]] = {
     "storescp": StoreSCP,
     "storescp-single": StoreSCPSingle,
     "dicomnode": DicomNode,
+    "dicomnode-busy": DicomNodeBusy,
     "orthanc": Orthanc,
 }
 
@@ -397,7 +451,11 @@ def measure(
         receiver.overrides = overrides
     try:
         with running(receiver):
+            if isinstance(receiver, DicomNodeBusy):
+                receiver.load(workdir)
             seconds = send(receiver, workload.split(associations), workdir)
+            if isinstance(receiver, DicomNodeBusy) and receiver.still_busy() == 0:
+                print(f"  warning: {name}'s worker ran out of jobs during the send", file=sys.stderr)
             received = receiver.received()
     finally:
         shutil.rmtree(workdir / "storage", ignore_errors=True)
@@ -427,7 +485,7 @@ def _fmt(value: float | None) -> str:
 def print_table(rows: list[Measurement]) -> None:
     header = (
         f"{'receiver':<16}{'workload':<9}{'assoc':>5}{'inst/s':>10}{'MB/s':>9}{'seconds':>9}"
-        f"{'vs storescp':>13}{'vs orthanc':>12}"
+        f"{'vs storescp':>13}{'vs orthanc':>12}{'vs idle':>9}"
     )
     print(header)
     print("-" * len(header))
@@ -436,6 +494,7 @@ def print_table(rows: list[Measurement]) -> None:
             f"{m.receiver:<16}{m.workload:<9}{m.associations:>5}{m.instances_per_second:>10.1f}"
             f"{m.mb_per_second:>9.1f}{m.seconds:>9.2f}{_fmt(_ratio(m, rows, 'storescp')):>13}"
             f"{_fmt(_ratio(m, rows, 'orthanc')):>12}"
+            f"{_fmt(_ratio(m, rows, 'dicomnode') if m.receiver == 'dicomnode-busy' else None):>9}"
         )
 
 
@@ -443,6 +502,17 @@ def check_targets(rows: list[Measurement]) -> list[dict[str, Any]]:
     """The performance targets, each with its measured ratio and whether it is met."""
     targets = []
     for m in rows:
+        if m.receiver == "dicomnode-busy":
+            for reference, floor in (("dicomnode", TARGET_BUSY_VS_IDLE), ("orthanc", TARGET_VS_ORTHANC)):
+                ratio = _ratio(m, rows, reference)
+                if ratio is not None:
+                    targets.append(
+                        {
+                            "target": f"busy worker >= {floor}x {reference}, {m.workload} x{m.associations}",
+                            "ratio": ratio,
+                            "met": ratio >= floor,
+                        }
+                    )
         if m.receiver != "dicomnode":
             continue
         vs_orthanc = _ratio(m, rows, "orthanc")
@@ -533,6 +603,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--workdir", type=Path, help="parent of the temporary folder (default: system temp)")
     parser.add_argument("--json", type=Path, help="write the measurements and targets here")
+    parser.add_argument(
+        "--busy-studies",
+        type=int,
+        help="chest studies queued for dicomnode-busy's worker before the send (default 120, --quick 60)",
+    )
+    parser.add_argument("--models", type=Path, default=MODELS_DIR, help="models folder for dicomnode-busy")
     args = parser.parse_args(argv)
 
     receivers = [r.strip() for r in args.receivers.split(",") if r.strip()]
@@ -548,6 +624,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     associations = [int(a) for a in args.associations.split(",")]
     wanted = {w.strip().upper() for w in args.workloads.split(",")}
     ct_count, dx_count = (100, 10) if args.quick else (500, 50)
+    if "dicomnode-busy" in receivers and not (args.models / "pneumonia-xception" / "model.toml").exists():
+        parser.error(
+            f"dicomnode-busy needs the default model in {args.models} (dicomnode models install-default)"
+        )
+    DicomNodeBusy.models_dir = args.models.resolve()
 
     rows: list[Measurement] = []
     floors: dict[str, float] = {}
@@ -558,6 +639,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             for w in generate_workloads(root / "workloads", ct_count=ct_count, dx_count=dx_count)
             if w.name in wanted
         ]
+        if "dicomnode-busy" in receivers:
+            studies = args.busy_studies or (60 if args.quick else 120)
+            DicomNodeBusy.queue = generate_dx(root / "queue", studies, size=1024, per_study=1, seed=2)
         for workload in workloads:
             for count in associations:
                 for name in receivers:

@@ -52,6 +52,8 @@ DEFAULTS: dict[str, Any] = {
         "poll_interval_seconds": 0.5,
         "lease_seconds": 60,
         "device": "auto",
+        "nice": 10,
+        "cpu_policy": "batch",
     },
     "routes": [
         {
@@ -159,6 +161,10 @@ class WorkerConfig:
     poll_interval_seconds: float
     lease_seconds: float
     device: str
+    # CPU priority of the worker and its decode/report processes, so that reception stays fast
+    # while a model runs or loads: the niceness it raises itself to, and the Linux scheduling policy
+    nice: int = 10
+    cpu_policy: str = "batch"  # "batch" (SCHED_BATCH), "idle" (SCHED_IDLE) or "normal" (SCHED_OTHER)
 
 
 @dataclass(frozen=True)
@@ -309,6 +315,8 @@ def config_from_mapping(data: Mapping[str, Any], *, base_dir: Path, source: Path
             poll_interval_seconds=_float(worker, "worker.poll_interval_seconds", 0.01, 60.0),
             lease_seconds=_float(worker, "worker.lease_seconds", 1.0, 86400.0),
             device=_choice(worker, "worker.device", ("auto", "cpu", "cuda")),
+            nice=_int(worker, "worker.nice", 0, 19),
+            cpu_policy=_choice(worker, "worker.cpu_policy", ("batch", "idle", "normal")),
         ),
         routes=_routes(data.get("routes", DEFAULTS["routes"])),
         delivery=DeliveryConfig(
@@ -321,9 +329,21 @@ def config_from_mapping(data: Mapping[str, Any], *, base_dir: Path, source: Path
         destinations=_destinations(data.get("destinations", DEFAULTS["destinations"]), base_dir),
         log_level=_choice(logging_, "logging.level", ("DEBUG", "INFO", "WARNING", "ERROR")),
     )
+    _check_worker(config.worker)
     if config.delivery.retry_max_seconds < config.delivery.retry_initial_seconds:
         raise ConfigurationError("delivery.retry_max_seconds", "must not be below retry_initial_seconds")
     return config
+
+
+def _check_worker(worker: WorkerConfig) -> None:
+    """Refuse worker settings that contradict each other (each message names both keys)."""
+    if worker.job_timeout_seconds <= worker.decode_timeout_seconds:
+        raise ConfigurationError(
+            "worker.job_timeout_seconds",
+            f"must exceed worker.decode_timeout_seconds ({worker.job_timeout_seconds:g} <= "
+            f"{worker.decode_timeout_seconds:g}): a batch deadline shorter than one image's decode "
+            "limit fails every job of the batch when one image hangs",
+        )
 
 
 def _section(data: Mapping[str, Any], name: str) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 Pixel data arrives from untrusted peers, and some decoders loop forever or crash on crafted input
 (pydicom 3.0.2's ``get_j2k_parameters`` spins on a JPEG 2000 box of length zero). :class:`DecodePool`
 keeps spawned workers alive between calls, kills one that overruns its deadline and starts a
-replacement, and caps each child's address space. The operations it runs live in
+replacement, caps each child's address space and, when asked, lowers its CPU priority
+(:func:`apply_cpu_priority`) so that it never competes with reception. The operations it runs live in
 :mod:`dicomnode.imaging` and :mod:`dicomnode.report.bundle`, imported by the children.
 """
 
@@ -11,12 +12,13 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import queue
 import threading
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 
@@ -33,8 +35,61 @@ logger = logging.getLogger(__name__)
 _PRELOADS = frozenset({"report"})  # what a pool may prepare its processes for before their first call
 
 
-def _worker_main(connection: Connection, memory_limit_bytes: int | None, preload: str | None = None) -> None:
+class CpuPriority(NamedTuple):
+    """How politely a process uses the CPU: its niceness and its scheduling policy."""
+
+    nice: int = 10  # 0 (normal) to 19 (only when nothing else wants the CPU)
+    # "batch": SCHED_BATCH (no wake-up preemption); "idle": SCHED_IDLE (only CPU nobody else
+    # wants); "normal": SCHED_OTHER
+    policy: str = "batch"
+
+
+_POLICIES = {
+    "batch": getattr(os, "SCHED_BATCH", 0),
+    "idle": getattr(os, "SCHED_IDLE", 0),
+    "normal": getattr(os, "SCHED_OTHER", 0),
+}
+
+
+def apply_cpu_priority(priority: CpuPriority) -> CpuPriority:
+    """Lower this process's CPU priority to ``priority``; return what it has afterwards.
+
+    Niceness only ever rises (an unprivileged process cannot lower it again), so applying twice, or
+    in a child that inherited it, changes nothing. Applied to the calling thread, which Linux
+    hands on to threads and processes started after it: call it before starting any.
+    """
+    current = os.getpriority(os.PRIO_PROCESS, 0)
+    if priority.nice > current:
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, priority.nice)
+        except OSError as exc:
+            logger.warning("could not set niceness %d (%s)", priority.nice, exc.strerror)
+    policy = _POLICIES[priority.policy]
+    if hasattr(os, "sched_setscheduler") and os.sched_getscheduler(0) != policy:
+        try:
+            os.sched_setscheduler(0, policy, os.sched_param(0))
+        except OSError as exc:
+            logger.warning("could not set CPU policy %s (%s)", priority.policy, exc.strerror)
+    return current_cpu_priority()
+
+
+def current_cpu_priority(pid: int = 0) -> CpuPriority:
+    """The niceness and scheduling policy of process ``pid`` (0: this one)."""
+    nice = os.getpriority(os.PRIO_PROCESS, pid)
+    policy = os.sched_getscheduler(pid) if hasattr(os, "sched_getscheduler") else os.SCHED_OTHER
+    names = {number: name for name, number in _POLICIES.items()}
+    return CpuPriority(nice, names.get(policy, "normal"))
+
+
+def _worker_main(
+    connection: Connection,
+    memory_limit_bytes: int | None,
+    preload: str | None = None,
+    cpu_priority: CpuPriority | None = None,
+) -> None:
     """Child process loop: receive (operation, args), answer ("ok", array) or ("error", message)."""
+    if cpu_priority is not None:
+        apply_cpu_priority(cpu_priority)
     if memory_limit_bytes:
         import resource
 
@@ -87,11 +142,17 @@ def _worker_main(connection: Connection, memory_limit_bytes: int | None, preload
 class _Worker:
     """One child process and the parent's end of its pipe."""
 
-    def __init__(self, context: Any, memory_limit_bytes: int | None, preload: str | None = None) -> None:
+    def __init__(
+        self,
+        context: Any,
+        memory_limit_bytes: int | None,
+        preload: str | None = None,
+        cpu_priority: CpuPriority | None = None,
+    ) -> None:
         self.connection, child_end = multiprocessing.Pipe(duplex=True)
         self.process = context.Process(
             target=_worker_main,
-            args=(child_end, memory_limit_bytes, preload),
+            args=(child_end, memory_limit_bytes, preload, cpu_priority),
             name="dicomnode-report" if preload == "report" else "dicomnode-decode",
             daemon=True,
         )
@@ -141,12 +202,15 @@ class DecodePool:
         startup_timeout_s: float = 60.0,
         memory_limit_bytes: int | None = 4 << 30,
         preload: str | None = None,
+        cpu_priority: CpuPriority | None = None,
     ) -> None:
         """``preload="report"`` makes the processes import and warm up the report builders before
-        their first call (for a pool that builds reports, see :meth:`build_report`)."""
+        their first call (for a pool that builds reports, see :meth:`build_report`);
+        ``cpu_priority`` is applied in each process (replacements too) before anything else."""
         if preload is not None and preload not in _PRELOADS:
             raise ValueError(f"unknown preload {preload!r}")
         self._preload = preload
+        self._cpu_priority = cpu_priority
         if workers < 1:
             raise ValueError("DecodePool needs at least one worker")
         self._context = multiprocessing.get_context(start_method)
@@ -161,11 +225,16 @@ class DecodePool:
             self._add_worker()
 
     def _add_worker(self) -> _Worker:
-        worker = _Worker(self._context, self._memory_limit_bytes, self._preload)
+        worker = _Worker(self._context, self._memory_limit_bytes, self._preload, self._cpu_priority)
         with self._lock:
             self._all.append(worker)
         self._idle.put(worker)
         return worker
+
+    def pids(self) -> list[int]:
+        """The process ids of the pool's children (for checks and diagnostics)."""
+        with self._lock:
+            return [w.process.pid for w in self._all if w.process.pid is not None]
 
     def _retire(self, worker: _Worker) -> None:
         with self._lock:

@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 
 from dicomnode.db import Instance, Job, JobPriority, JobState, make_engine, make_sessionmaker, utcnow
 from dicomnode.node.services import Services
-from dicomnode.queue.jobs import ClaimedJob, InstanceRecord, JobQueue
+from dicomnode.queue.jobs import ClaimedJob, InstanceRecord, JobQueue, LeaseLostError
 from dicomnode.receive.recovery import drop_unflushed_instances
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -263,6 +263,23 @@ def test_stat_jobs_are_claimed_first_and_age_lifts_routine_ones(services: Servic
     aged = queue.claim_many("w", 60, 1, now=at + timedelta(seconds=601), priority_aging_seconds=600)
     assert [(j.id, j.study_instance_uid) for j in aged] == [(routine_job, routine)]
     assert [j.id for j in queue.claim_many("w", 60, 5, now=later())] == [newer_stat]
+
+
+def test_a_worker_that_lost_its_lease_cannot_complete_the_job(services: Services) -> None:
+    """Once an expired lease sent the job to another worker, the first worker's completion (and the
+    results committed with it) roll back: a job is completed by one worker only."""
+    queue = services.queue
+    _job_id, at = queued_job(services)
+    first = queue.claim("host-a/worker-1", 30, now=at)
+    assert first is not None
+    queue.requeue_expired(now=at + timedelta(seconds=31))
+    second = queue.claim("host-b/worker-1", 30, now=at + timedelta(seconds=32))
+    assert second is not None and second.id == first.id
+    with pytest.raises(LeaseLostError), queue.transaction() as session:
+        queue.complete(first, "reported", session=session)
+    queue.complete(second, "reported")
+    job = job_row(services, first.id)
+    assert job.state == JobState.DONE and job.attempts == 2
 
 
 def test_expired_lease_requeues_then_fails_when_out_of_attempts(services: Services) -> None:

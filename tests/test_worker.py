@@ -25,7 +25,8 @@ from dicomnode.findings import StudyFindings
 from dicomnode.node.services import Services, open_services
 from dicomnode.queue.jobs import InstanceRecord
 from dicomnode.sandbox import DecodePool
-from dicomnode.work.pipeline import Watchdog, Worker, pipeline_chunks
+from dicomnode.work.pipeline import Worker, pipeline_chunks
+from dicomnode.work.watchdog import Watchdog
 
 VOLUME_CARD = """
 name = "{name}"
@@ -155,7 +156,7 @@ def test_volume_model_sees_the_series_sorted_by_position(tmp_path: Path) -> None
         with services.sessions() as session:
             jobs = session.query(Job).all()
             assert {j.state for j in jobs} == {JobState.DONE} and {j.outcome for j in jobs} == {"reported"}
-            objects = json.loads(session.query(Result).first().objects_json)  # type: ignore[union-attr]
+            objects = json.loads(session.query(Result).first().objects_json or "[]")  # type: ignore[union-attr]
         sr = hd.sr.srread(config.storage.path / objects[0]["path"])
         assert sr.StudyInstanceUID in by_study
     finally:
@@ -282,14 +283,15 @@ def test_outbox_rows_for_every_destination_commit_with_the_job(tmp_path: Path) -
 
 def test_a_hanging_model_fails_its_job_and_the_worker_is_replaced(tmp_path: Path) -> None:
     """The watchdog fails the job with the reason and ends the process; nothing waits forever."""
-    config = ct_config(tmp_path, "spin", job_timeout_seconds=3, max_attempts=1)
+    config = ct_config(tmp_path, "spin", job_timeout_seconds=3, decode_timeout_seconds=2, max_attempts=1)
     write_package(config.models.path / "spin", Spin())
     config_file = tmp_path / "config.toml"
     config_file.write_text(
         "destinations = []\n"
         f'[storage]\npath = "{config.storage.path}"\ndatabase_url = "{config.storage.database_url}"\n'
         f'[studies]\nstable_after_seconds = 0\n[models]\npath = "{config.models.path}"\n'
-        "[worker]\njob_timeout_seconds = 3\nmax_attempts = 1\npoll_interval_seconds = 0.05\n"
+        "[worker]\njob_timeout_seconds = 3\ndecode_timeout_seconds = 2\nmax_attempts = 1\n"
+        "poll_interval_seconds = 0.05\n"
         '[[routes]]\nname = "ct"\nmodel = "spin"\nmodality = ["CT"]\n',
         encoding="utf-8",
     )

@@ -33,6 +33,10 @@ def cmd_worker(config: Config, args: argparse.Namespace) -> int:
     from dicomnode.node.process import die_with_parent
 
     die_with_parent()  # before importing torch: a supervisor that died meanwhile leaves no orphan
+    from dicomnode.sandbox import CpuPriority, apply_cpu_priority
+
+    # before the heavy imports too, which compete with reception at start (run_worker applies it again)
+    apply_cpu_priority(CpuPriority(config.worker.nice, config.worker.cpu_policy))
     from dicomnode.work.pipeline import run_worker
 
     return run_worker(config, burst=args.burst)

@@ -23,6 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db import Instance, Job, JobPriority, JobState, Study, utcnow
+from dicomnode.errors import DicomNodeError
 
 logger = logging.getLogger(__name__)
 
@@ -340,9 +341,17 @@ class JobQueue:
             )
             return bool(result.rowcount == 1)
 
-    def complete(self, job: ClaimedJob, outcome: str, session: Session | None = None) -> None:
-        """Mark the job done. Pass ``session`` to commit it together with the job's results."""
-        values = dict(
+    def complete(
+        self,
+        job: ClaimedJob,
+        outcome: str,
+        session: Session | None = None,
+        *,
+        routing_json: str | None = None,
+    ) -> None:
+        """Mark the job done (with the per-image routing decisions, when given). Pass ``session`` to
+        commit it together with the job's results."""
+        values: dict[str, Any] = dict(
             state=JobState.DONE,
             outcome=outcome,
             finished_at=utcnow(),
@@ -351,12 +360,18 @@ class JobQueue:
             lease_expires_at=None,
             error=None,
         )
-        statement = update(Job).where(Job.id == job.id, Job.lease_owner == job.owner).values(**values)
+        if routing_json is not None:
+            values["routing_json"] = routing_json
+        statement = (
+            update(Job)
+            .where(Job.id == job.id, Job.lease_owner == job.owner, Job.state == JobState.RUNNING)
+            .values(**values)
+        )
         if session is not None:
-            session.execute(statement)
+            _check_lease(session.execute(statement), job)
             return
         with self._write_lock, self.sessions.begin() as own:
-            own.execute(statement)
+            _check_lease(own.execute(statement), job)
 
     def fail(
         self,
@@ -465,6 +480,16 @@ def _aware(value: datetime) -> datetime:
     from datetime import UTC
 
     return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+class LeaseLostError(DicomNodeError):
+    """The job's lease ran out and it went back to the queue: another worker owns it now. Raised
+    inside the completing transaction, so its results roll back with it (a job completes once)."""
+
+
+def _check_lease(result: Any, job: ClaimedJob) -> None:
+    if result.rowcount != 1:
+        raise LeaseLostError(f"job {job.id} is no longer leased to {job.owner}; its results are discarded")
 
 
 def _claim_rank(now: datetime, priority_aging_seconds: float) -> Any:

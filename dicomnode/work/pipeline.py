@@ -2,164 +2,71 @@
 
 It drains the queue: stable studies become jobs, up to ``max_batch_size`` queued jobs are claimed
 at once so their images share model batches, and each job ends in one transaction that stores its
-findings, queues its result objects for every destination and marks it done. A watchdog fails the
-jobs in flight and ends the process when a model or decoder hangs past ``job_timeout_seconds``; the
-supervisor (``dicomnode serve``) starts a new worker. A lease heartbeat keeps long jobs ours; a
-worker that dies without a word has its jobs requeued when the lease runs out.
+findings, queues its result objects for every destination and marks it done
+(:mod:`dicomnode.work.results`). A watchdog (:mod:`dicomnode.work.watchdog`) fails the jobs in
+flight and ends the process when the model hangs past ``job_timeout_seconds``, and renews leases.
 
 :meth:`Worker.run` is a pipeline over chunks of jobs (half a claimed batch each): a decoder thread
-routes and decodes chunk N+1 (in the decode pool's processes) while this thread runs the model and
-the heat maps on chunk N (one frozen graph, GIL released, one core left free) while a reporter
-thread finishes chunk N-1: its SR, key images and KOS are built in a report process, written,
-flushed to disk once per chunk, and only then each job's transaction commits.
+routes chunk N+1 and decodes its images one by one, side by side in the decode pool's processes,
+while this thread runs the model and the heat maps on chunk N (one core left free) and a reporter
+thread finishes chunk N-1. An image that hangs its decoder costs only itself: the other images go
+on in the other decode process, a job still waiting for such an image leaves its chunk and follows
+once the decode pool has killed the hang, and studies keep being assembled meanwhile.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import threading
 import time
-from collections import defaultdict
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from io import BytesIO
-from pathlib import Path
-from typing import Any
-
-import numpy as np
-from sqlalchemy import select
+from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Protocol
 
 from dicomnode.config import Config
-from dicomnode.db import Job, Outbox, Result
 from dicomnode.errors import ConfigurationError, ModelUnavailableError
-from dicomnode.findings import StudyFindings
-from dicomnode.imaging.preprocess import decode_display_image
+from dicomnode.fsio import durable_write
 from dicomnode.node.process import instance_name
 from dicomnode.node.services import Services, open_services
 from dicomnode.queue.jobs import ClaimedJob
-from dicomnode.report.bundle import EncodedObject, KeyImageInput, build_result_objects
-from dicomnode.report.sr import DocumentReference
-from dicomnode.sandbox import DecodePool, read_display_image
+from dicomnode.sandbox import CpuPriority, DecodePool, apply_cpu_priority
 from dicomnode.work.inference import (
-    ImageInput,
+    HEADER_UNREADABLE,
     ModelRegistry,
     compute_heatmaps,
     decode_inputs,
-    key_image_indices,
+    decode_one,
+    model_cpu_threads,
     predict,
     route_files,
-    study_findings,
 )
+from dicomnode.work.results import DISPLAY_MAX_SIZE, JobWork, ResultWriter
+from dicomnode.work.watchdog import Backoff, Watchdog
 
 logger = logging.getLogger(__name__)
 
-EXIT_WATCHDOG = 70
 # Processes building result objects (SR, key images, KOS) beside the model. One: on 2 cores a second
 # one kept the cores busier (1.75 instead of 1.5 cores) but every object cost a third more CPU time,
 # and the studies/s did not rise (7.6-7.9 against 7.9-8.7 with pipeline.py, measured before the
 # model's graph was optimised).
 REPORT_PROCESSES = 1
 # Decode processes: two, so that a JPEG 2000 image (about 0.3 s to decode a 2048x2048 frame at full
-# resolution, which a "nearest" model input needs) decodes beside the next one.
+# resolution, which a "nearest" model input needs) decodes beside the next one, and so that an image
+# hanging one decoder until its deadline leaves the other decoding.
 DECODE_PROCESSES = 2
-DISPLAY_MAX_SIZE = 1024  # the key image's longest side; display images are decoded at most this big
+# A chunk whose decodes made no progress this long leaves the jobs still decoding behind (a normal
+# image decodes in well under a second; a hanging one holds its process until decode_timeout).
+STALL_SECONDS = 3.0
 
 
-@dataclass
-class JobWork:
-    """One claimed job's state while it moves through the pipeline."""
+class StopEvent(Protocol):
+    """What :meth:`Worker.run` needs of its stop signal (``threading.Event``, ``StopSignal``)."""
 
-    job: ClaimedJob
-    images: list[ImageInput] = field(default_factory=list)
-    error: str | None = None
-    permanent: bool = False
-    timings: dict[str, float] = field(default_factory=dict)
-    batch_size: int = 1  # jobs whose images shared the model and heat-map passes
+    def is_set(self) -> bool: ...
+
+    def wait(self, timeout: float) -> bool: ...
 
 
-@dataclass
-class _Written:
-    """One job's results written (not yet flushed): routing for the job row, objects per model."""
-
-    routing: list[dict[str, Any]]
-    outputs: list[tuple[StudyFindings, list[dict[str, str]]]]
-
-
-class Watchdog:
-    """Fails the jobs in flight and exits the process when a batch runs past its deadline.
-
-    Several batches may be in flight at once (one in the model, one being reported); each has its
-    own deadline, and the leases of all their jobs are renewed.
-    """
-
-    def __init__(self, services: Services, lease_seconds: float) -> None:
-        self.services = services
-        self.lease_seconds = lease_seconds
-        self._lock = threading.Lock()
-        self._batches: dict[int, tuple[list[ClaimedJob], float, float]] = {}  # jobs, deadline, timeout
-        self._next_token = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="watchdog", daemon=True)
-        self._thread.start()
-
-    def watch(self, jobs: list[ClaimedJob], timeout: float) -> int:
-        """Start the deadline of a batch; returns the token for :meth:`rearm` and :meth:`clear`."""
-        with self._lock:
-            token = self._next_token
-            self._next_token += 1
-            self._batches[token] = (list(jobs), time.monotonic() + timeout, timeout)
-        return token
-
-    def rearm(self, token: int, timeout: float) -> None:
-        """Give a batch a fresh deadline (when it enters its next stage)."""
-        with self._lock:
-            if token in self._batches:
-                jobs = self._batches[token][0]
-                self._batches[token] = (jobs, time.monotonic() + timeout, timeout)
-
-    def clear(self, token: int | None = None) -> None:
-        """Stop watching one batch (or all)."""
-        with self._lock:
-            if token is None:
-                self._batches.clear()
-            else:
-                self._batches.pop(token, None)
-
-    def close(self) -> None:
-        self._stop.set()
-
-    def _run(self) -> None:
-        beat = max(0.2, min(self.lease_seconds / 3, 10.0))
-        last_beat = time.monotonic()
-        while not self._stop.wait(0.2):
-            with self._lock:
-                batches = list(self._batches.values())
-            if not batches:
-                continue
-            now = time.monotonic()
-            expired = [(jobs, timeout) for jobs, deadline, timeout in batches if now > deadline]
-            if expired:
-                timeout = expired[0][1]
-                reason = f"timed out after {timeout:.0f} s (model or decoder hang); worker restarted"
-                late = {job.id for jobs, _ in expired for job in jobs}
-                for jobs, _, _ in batches:
-                    for job in jobs:
-                        if job.id in late:
-                            self.services.queue.force_fail(job.id, reason)
-                            logger.error("job %d %s", job.id, reason)
-                        else:  # an innocent batch in flight beside it: back to the queue (or failed)
-                            self.services.queue.force_fail(
-                                job.id,
-                                "worker restarted while the job was in flight (another batch timed out)",
-                            )
-                os._exit(EXIT_WATCHDOG)
-            if now - last_beat >= beat:
-                last_beat = now
-                for jobs, _, _ in batches:
-                    for job in jobs:
-                        self.services.queue.heartbeat(job, self.lease_seconds)
+Prepared = tuple[list[JobWork], list[JobWork]]  # (decoded, still decoding)
 
 
 class Worker:
@@ -172,7 +79,10 @@ class Worker:
         *,
         pool: DecodePool | None = None,
         registry: ModelRegistry | None = None,
+        cpu_priority: CpuPriority | None = None,
     ) -> None:
+        """``pool`` decodes (without one, in this process: for trusted files only);
+        ``cpu_priority`` is applied to the report process this worker starts."""
         self.config = config
         self.services = services
         self.pool = pool
@@ -184,39 +94,136 @@ class Worker:
         )
         self.owner = instance_name(config)  # the lease owner: stable per supervised child
         self.store = services.store()
+        # Each result file fsynced as it is written, by this worker: left dirty until the chunk's
+        # syncfs, the listener's syncfs (one per acknowledgement) would write them out for us and
+        # make reception wait. The chunk's flush still covers the new folders.
+        self.store.file_writer = durable_write
         self.watchdog = Watchdog(services, config.worker.lease_seconds)
-        self._decoders: ThreadPoolExecutor | None = None  # one thread per decode process
-        if pool is not None and pool.workers > 1:
-            self._decoders = ThreadPoolExecutor(pool.workers, thread_name_prefix="decode")
+        self.backoff = Backoff()
+        # one thread per decode process, each decoding one image at a time
+        self._images: ThreadPoolExecutor | None = None
+        if pool is not None:
+            self._images = ThreadPoolExecutor(pool.workers, thread_name_prefix="decode")
         # With a decode pool (a real worker), results are built in a process of their own as well.
         self.report_pool: DecodePool | None = None
         self._builders: ThreadPoolExecutor | None = None  # one thread per report process
         if pool is not None:
-            self.report_pool = DecodePool(workers=REPORT_PROCESSES, preload="report")
+            self.report_pool = DecodePool(
+                workers=REPORT_PROCESSES, preload="report", cpu_priority=cpu_priority
+            )
             if REPORT_PROCESSES > 1:
                 self._builders = ThreadPoolExecutor(REPORT_PROCESSES, thread_name_prefix="builder")
+        builders = self._builders
+        self.writer = ResultWriter(
+            config,
+            services,
+            self.registry,
+            self.store,
+            pool=pool,
+            report_pool=self.report_pool,
+            mapper=(lambda f, works: list(builders.map(f, works))) if builders is not None else None,
+        )
+        self._pending: Future[None] | None = None  # the chunk the reporter is finishing
+        self._late: list[tuple[JobWork, int]] = []  # jobs left behind by their chunk, watchdog tokens
 
     def close(self) -> None:
+        """Stop the watchdog and the threads and processes this worker started."""
         self.watchdog.close()
         self.store.close()
-        if self._builders is not None:
-            self._builders.shutdown(wait=True)
-        if self._decoders is not None:
-            self._decoders.shutdown(wait=True)
+        for executor in (self._builders, self._images):
+            if executor is not None:
+                executor.shutdown(wait=True)
         if self.report_pool is not None:
             self.report_pool.close()
 
     # --- the loop ----------------------------------------------------------------------------------
 
-    def run_once(self) -> int:
-        """Assemble stable studies, then claim and process one batch of jobs; return how many ran."""
-        jobs = self._claim()
-        if jobs:
-            self.process(jobs)
-        return len(jobs)
+    def run(self, stop: StopEvent, *, burst: bool = False) -> None:
+        """Loop until ``stop`` is set; with ``burst``, return once nothing is queued, due or decoding.
 
-    def _claim(self) -> list[ClaimedJob]:
-        """Assemble stable studies, then claim up to ``max_batch_size`` queued jobs."""
+        A pass that fails (the database on a full disk, say) is retried with exponential back-off
+        (:class:`Backoff`); in ``burst`` mode the error is raised instead. The reporter's chunk is
+        always finished before this returns.
+        """
+        reporter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reporter")
+        decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decoder")
+        try:
+            while not stop.is_set():
+                try:
+                    ran = self._pass(decoder, reporter)
+                    self.backoff.succeeded()
+                except Exception as exc:
+                    if burst:
+                        raise
+                    stop.wait(self.backoff.failed(exc))
+                    continue
+                if ran == 0:
+                    if burst and not self._late and self._pending is None:
+                        return
+                    stop.wait(self.config.worker.poll_interval_seconds)
+        finally:
+            try:
+                self._finish_pending()
+            finally:
+                self._hand_back_late()
+                reporter.shutdown(wait=True)
+                decoder.shutdown(wait=True)
+
+    def _pass(self, decoder: ThreadPoolExecutor, reporter: ThreadPoolExecutor) -> int:
+        """Claim a batch (plus jobs whose late decodes ended) and run it through; return its size."""
+        late = self._take_late()
+        jobs = self._claim()
+        if not jobs and not late:
+            if self._pending is not None:  # results of the last batch first: a failed job may be due
+                self._finish_pending()
+                return 1
+            return 0
+        timeout = self.config.worker.job_timeout_seconds
+        stages: list[tuple[int, list[ClaimedJob] | Prepared]] = []
+        if late:
+            stages.append((self.watchdog.watch([w.job for w in late], timeout), (late, [])))
+        stages += [(self.watchdog.watch(chunk, timeout), chunk) for chunk in pipeline_chunks(jobs)]
+        submitted = 0
+        try:
+            prepared = self._start(decoder, stages[0][1])
+            for index, (token, _) in enumerate(stages):
+                works, still_decoding = self._await(prepared)
+                if index + 1 < len(stages):  # decode the next chunk while the model runs
+                    prepared = self._start(decoder, stages[index + 1][1])
+                self._leave_behind(token, still_decoding)
+                self._predict([w for w in works if w.error is None])
+                self._finish_pending()
+                self._pending = reporter.submit(self._report, works, token)
+                submitted = index + 1
+        except BaseException:
+            for token, _ in stages[submitted:]:  # chunks never handed to the reporter
+                self.watchdog.clear(token)
+            raise
+        return len(jobs) + len(late)
+
+    def _start(self, decoder: ThreadPoolExecutor, stage: list[ClaimedJob] | Prepared) -> Future[Prepared]:
+        if isinstance(stage, tuple):  # jobs already decoded
+            done: Future[Prepared] = Future()
+            done.set_result(stage)
+            return done
+        return decoder.submit(self._prepare_all, stage)
+
+    def _await(self, prepared: Future[Prepared]) -> Prepared:
+        """Wait for a chunk's decodes, assembling newly stable studies meanwhile."""
+        interval = max(0.5, self.config.worker.poll_interval_seconds)
+        while True:
+            try:
+                return prepared.result(timeout=interval)
+            except TimeoutError:
+                self._assemble()
+
+    def _finish_pending(self) -> None:
+        finished, self._pending = self._pending, None
+        if finished is not None:
+            finished.result()
+
+    def _assemble(self) -> None:
+        """Turn stable studies into jobs and requeue jobs whose lease ran out."""
         queue = self.services.queue
         queue.requeue_expired()
         studies = self.config.studies
@@ -225,124 +232,104 @@ class Worker:
             self.config.worker.max_attempts,
             stat_calling_ae_titles=studies.stat_calling_ae_titles,
         )
-        return queue.claim_many(
+
+    def _claim(self) -> list[ClaimedJob]:
+        """Assemble stable studies, then claim up to ``max_batch_size`` queued jobs."""
+        self._assemble()
+        worker = self.config.worker
+        return self.services.queue.claim_many(
             self.owner,
-            self.config.worker.lease_seconds,
-            self.config.worker.max_batch_size,
-            priority_aging_seconds=studies.priority_aging_seconds,
+            worker.lease_seconds,
+            worker.max_batch_size,
+            priority_aging_seconds=self.config.studies.priority_aging_seconds,
         )
 
-    def run(self, stop: Any, *, burst: bool = False) -> None:
-        """Loop until ``stop`` is set; with ``burst``, return once nothing is queued or due.
+    # --- jobs left behind by a hanging decode -------------------------------------------------------
 
-        Pipelined in three stages, one chunk of jobs each: a decoder thread routes and decodes
-        (waiting on the decode pool's process), this thread runs the model and the heat maps, a
-        reporter thread builds, writes and commits the results. At most one chunk waits for the
-        reporter. A claimed batch is run as two chunks (:func:`pipeline_chunks`) so that the stages
-        overlap within a batch too. The reporter's chunk is always finished before this returns.
-        """
-        reporter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reporter")
-        decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decoder")
-        pending: Future[None] | None = None
-        try:
-            while not stop.is_set():
-                try:
-                    jobs = self._claim()
-                    if not jobs and pending is not None:
-                        # results of the last batch first: a failed job may be due again at once
-                        finished, pending = pending, None
-                        finished.result()
-                        continue
-                    chunks = pipeline_chunks(jobs)
-                    tokens = [self.watchdog.watch(c, self.config.worker.job_timeout_seconds) for c in chunks]
-                    submitted = 0
-                    try:
-                        prepared = decoder.submit(self._prepare_all, chunks[0]) if chunks else None
-                        for index in range(len(chunks)):
-                            assert prepared is not None
-                            works = prepared.result()
-                            if index + 1 < len(chunks):  # decode the next chunk while the model runs
-                                prepared = decoder.submit(self._prepare_all, chunks[index + 1])
-                            self._predict([w for w in works if w.error is None])
-                            if pending is not None:
-                                finished, pending = pending, None
-                                finished.result()
-                            pending = reporter.submit(self._report_batch, works, tokens[index])
-                            submitted = index + 1
-                    except BaseException:
-                        for token in tokens[submitted:]:  # chunks never handed to the reporter
-                            self.watchdog.clear(token)
-                        raise
-                    ran = len(jobs)
-                except Exception:  # the database may be briefly unavailable; never let the loop die
-                    logger.exception("worker pass failed; retrying")
-                    ran = 0
-                    if burst:
-                        raise
-                if ran == 0:
-                    if burst:
-                        return
-                    stop.wait(self.config.worker.poll_interval_seconds)
-        finally:
+    def _leave_behind(self, token: int, works: list[JobWork]) -> None:
+        """Watch jobs still decoding on their own deadline; they follow once their decodes end."""
+        worker = self.config.worker
+        for work in works:
+            waiting = sum(not f.done() for f in work.decoding)
+            bound = worker.job_timeout_seconds + worker.decode_timeout_seconds * waiting
+            self._late.append((work, self.watchdog.split(token, [work.job], bound)))
+            logger.warning(
+                "job %d study %s: %d images still decoding after %.0f s without progress; "
+                "the rest of its batch goes on",
+                work.job.id,
+                work.job.study_instance_uid,
+                waiting,
+                STALL_SECONDS,
+            )
+
+    def _take_late(self) -> list[JobWork]:
+        """The jobs left behind whose decodes have all ended (decoded, failed or killed)."""
+        ready = [(work, token) for work, token in self._late if work.decoded()]
+        self._late = [(work, token) for work, token in self._late if not work.decoded()]
+        for work, token in ready:
+            self.watchdog.clear(token)
+            self._conclude_decode(work)
+        return [work for work, _ in ready]
+
+    def _hand_back_late(self) -> None:
+        """On stop: jobs still decoding go back to the queue (their attempt counts)."""
+        late, self._late = self._late, []
+        for work, token in late:
+            self.watchdog.clear(token)
             try:
-                if pending is not None:
-                    pending.result()
-            finally:
-                reporter.shutdown(wait=True)
-                decoder.shutdown(wait=True)
+                self.services.queue.fail(work.job, "worker stopped while an image was decoding")
+            except Exception as exc:  # the lease runs out and the job is requeued anyway
+                logger.warning("job %d not handed back (%s)", work.job.id, type(exc).__name__)
 
-    # --- one batch of jobs -------------------------------------------------------------------------
+    # --- the stages --------------------------------------------------------------------------------
 
-    def process(self, jobs: list[ClaimedJob]) -> None:
-        """Run a batch of jobs from start to end; each ends done or failed on its own."""
-        token = self.watchdog.watch(jobs, self.config.worker.job_timeout_seconds)
-        try:
-            works = self._infer(jobs)
-        except BaseException:
-            self.watchdog.clear(token)
-            raise
-        self._report_batch(works, token)
+    def _prepare_all(self, jobs: list[ClaimedJob]) -> Prepared:
+        """Route each job and decode its images; returns (decoded, still decoding) jobs.
 
-    def _infer(self, jobs: list[ClaimedJob]) -> list[JobWork]:
-        """Route, decode and run the models (and heat maps) over a batch of jobs."""
-        works = self._prepare_all(jobs)
-        self._predict([w for w in works if w.error is None])
-        return works
-
-    def _prepare_all(self, jobs: list[ClaimedJob]) -> list[JobWork]:
-        """Route and decode each job's images (decoding runs in the decode pool's process)."""
+        With a decode pool every image is its own task for the pool's processes, so a slow or
+        hanging image holds one process while the others go on; a job with images still decoding
+        when decodes have made no progress for :data:`STALL_SECONDS` is returned apart.
+        """
         works = [JobWork(job) for job in jobs]
-        if self._decoders is not None and len(works) > 1:  # one job per decode process at a time
-            list(self._decoders.map(self._prepare, works))
-        else:
-            for work in works:
-                self._prepare(work)
-        return works
-
-    def _report_batch(self, works: list[JobWork], token: int) -> None:
-        """Build and write every job's results, flush them to disk once, then commit job by job."""
-        self.watchdog.rearm(token, self.config.worker.job_timeout_seconds)
-        try:
-            if self._builders is not None and len(works) > 1:  # one job per report process at a time
-                results = list(self._builders.map(self._build, works))
-            else:
-                results = [self._build(work) for work in works]
-            written = [
-                (work, result) for work, result in zip(works, results, strict=True) if result is not None
+        for work in works:
+            self._route(work)
+        worker = self.config.worker
+        for work in works:
+            if work.error is not None:
+                continue
+            work.timings["decode"] = time.perf_counter()  # the start, until the decodes end
+            if self._images is None:
+                decode_inputs(
+                    work.images,
+                    self.registry,
+                    None,
+                    worker.decode_timeout_seconds,
+                    display_max_size=DISPLAY_MAX_SIZE,
+                )
+                continue
+            work.decoding = [
+                self._images.submit(
+                    decode_one,
+                    image,
+                    self.registry,
+                    self.pool,
+                    worker.decode_timeout_seconds,
+                    display_max_size=DISPLAY_MAX_SIZE,
+                )
+                for image in work.images
             ]
-            if any(result.outputs for _, result in written):
-                try:
-                    self.store.flush()  # results and heat maps on disk before the rows that point at them
-                except Exception as exc:
-                    for work, _ in written:
-                        self._fail_building(work, exc)
-                    return
-            for work, result in written:
-                self._commit(work, result)
-        finally:
-            self.watchdog.clear(token)
+        running = {future for work in works for future in work.decoding}
+        while running:
+            done, running = wait(running, timeout=STALL_SECONDS, return_when=FIRST_COMPLETED)
+            if not done:
+                break
+        decoded = [work for work in works if work.decoded()]
+        for work in decoded:
+            self._conclude_decode(work)
+        return decoded, [work for work in works if not work.decoded()]
 
-    def _prepare(self, work: JobWork) -> None:
+    def _route(self, work: JobWork) -> None:
+        """Read the job's headers and pick each image's model; fail the job if nothing can run."""
         started = time.perf_counter()
         root = self.config.storage.path
         instances = self.services.queue.instances_for(work.job.id)
@@ -356,18 +343,21 @@ class Worker:
         except (ModelUnavailableError, ConfigurationError) as exc:  # missing or invalid package
             work.error, work.permanent = str(exc), True
             return
-        work.timings["route"] = time.perf_counter() - started
-        started = time.perf_counter()
-        decode_inputs(
-            work.images,
-            self.registry,
-            self.pool,
-            self.config.worker.decode_timeout_seconds,
-            display_max_size=DISPLAY_MAX_SIZE,
+        unreadable = sorted(
+            {i.error for i in work.images if i.error and i.error.startswith(HEADER_UNREADABLE)}
         )
-        work.timings["decode"] = time.perf_counter() - started
+        if unreadable and all(i.decision.model is None for i in work.images):
+            count = sum(1 for i in work.images if (i.error or "").startswith(HEADER_UNREADABLE))
+            work.error = f"{'; '.join(unreadable)} ({count} of {len(work.images)} images; no model could run)"
+            work.permanent = True
+        work.timings["route"] = time.perf_counter() - started
+
+    def _conclude_decode(self, work: JobWork) -> None:
+        """Once a job's decodes ended: its decode time, and failure when no image decoded."""
+        if "decode" in work.timings:
+            work.timings["decode"] = time.perf_counter() - work.timings["decode"]
         routed = [i for i in work.images if i.decision.model is not None]
-        if routed and all(i.array is None for i in routed):
+        if work.error is None and routed and all(i.array is None for i in routed):
             work.error = "no image could be decoded: " + "; ".join(sorted({i.error or "?" for i in routed}))
             work.permanent = True
 
@@ -400,203 +390,13 @@ class Worker:
             except Exception as exc:
                 work.error = f"model failed: {type(exc).__name__}: {exc}"
 
-    def _build(self, work: JobWork) -> _Written | None:
-        """Fail a job that failed earlier; else build and write its results (not yet durable)."""
-        job = work.job
-        if work.error is not None:
-            delay = min(300.0, 5.0 * 2 ** max(0, job.attempts - 1))
-            self.services.queue.fail(job, work.error, retry_delay_seconds=delay, permanent=work.permanent)
-            return None
+    def _report(self, works: Sequence[JobWork], token: int) -> None:
+        """The reporter's stage: results built, flushed and committed under a fresh deadline."""
+        self.watchdog.rearm(token, self.config.worker.job_timeout_seconds)
         try:
-            started = time.perf_counter()
-            result = self._write_results(work)
-            work.timings["report"] = time.perf_counter() - started
-        except Exception as exc:
-            self._fail_building(work, exc)
-            return None
-        return result
-
-    def _fail_building(self, work: JobWork, exc: Exception) -> None:
-        # the message may quote a dataset value (a name that does not fit its VR): keep it out of logs
-        self.services.queue.fail(
-            work.job,
-            f"building results failed: {type(exc).__name__}: {exc}",
-            retry_delay_seconds=30.0,
-            log_reason=f"building results failed: {type(exc).__name__} (details: dicomnode studies)",
-        )
-
-    def _commit(self, work: JobWork, result: _Written) -> None:
-        """One transaction: results rows, outbox rows for every destination, the job done."""
-        job = work.job
-        try:
-            started = time.perf_counter()
-            with self.services.queue.transaction() as session:
-                for findings, objects in result.outputs:
-                    session.add(
-                        Result(
-                            job_id=job.id,
-                            model_name=findings.model.name,
-                            model_version=findings.model.version,
-                            findings_json=findings.to_json(),
-                            objects_json=json.dumps(objects),
-                        )
-                    )
-                    for obj in objects:
-                        for destination in self.config.destinations:
-                            session.add(
-                                Outbox(
-                                    job_id=job.id,
-                                    study_instance_uid=job.study_instance_uid,
-                                    destination=destination.name,
-                                    sop_instance_uid=obj["sop_instance_uid"],
-                                    sop_class_uid=obj["sop_class_uid"],
-                                    path=obj["path"],
-                                )
-                            )
-                record = session.get(Job, job.id)
-                if record is not None:
-                    record.routing_json = json.dumps(result.routing)
-                self.services.queue.complete(
-                    job, "reported" if result.outputs else "no-model", session=session
-                )
-            work.timings["report"] = work.timings.get("report", 0.0) + time.perf_counter() - started
-        except Exception as exc:
-            self._fail_building(work, exc)
-            return
-        self._log_job(work, result.outputs)
-
-    # --- results -----------------------------------------------------------------------------------
-
-    def _write_results(self, work: JobWork) -> _Written:
-        """Write findings' heat maps, SR, key images and KOS (durable after the next flush)."""
-        job = work.job
-        routing = [
-            {
-                "sop_instance_uid": str(i.header.get("SOPInstanceUID", "")),
-                **i.decision.to_dict(),
-                "error": i.error,
-            }
-            for i in work.images
-        ]
-        by_model: dict[str, list[ImageInput]] = defaultdict(list)
-        for image in work.images:
-            if image.decision.model is not None and image.probabilities is not None:
-                by_model[image.decision.model].append(image)
-        outputs = []
-        results_dir = self.config.storage.results_path / job.study_instance_uid / f"job-{job.id}"
-        for model_name, images in sorted(by_model.items()):
-            card = self.registry.package(model_name).card
-            maps: dict[int, dict[str, str]] = {}
-            for index, image in enumerate(images):
-                for label, array in image.heatmaps.items():
-                    path = results_dir / "heatmaps" / f"{image.header.SOPInstanceUID}-{label}.npy"
-                    buffer = BytesIO()
-                    np.save(buffer, array)
-                    self.store.write_file(path, buffer.getvalue())
-                    maps.setdefault(index, {})[label] = str(path.relative_to(self.config.storage.path))
-            findings = study_findings(job.study_instance_uid, card.identity, images, maps, job.id)
-            objects = self._build_objects(findings, images, card.task, job.study_id, results_dir)
-            outputs.append((findings, objects))
-        return _Written(routing, outputs)
-
-    def _build_objects(
-        self,
-        findings: StudyFindings,
-        images: list[ImageInput],
-        task: str,
-        study_id: int,
-        results_dir: Path,
-    ) -> list[dict[str, str]]:
-        sources = [image.header for image in images]
-        key_images = []
-        for index in key_image_indices(images, series_model=task == "series-classification"):
-            image, image_findings = images[index], findings.images[index]
-            display = image.display if image.display is not None else self._display_image(image.path)
-            positive = [f for f in image_findings.findings if f.present]
-            heat = image.heatmaps.get(positive[0].label) if positive else None
-            key_images.append(KeyImageInput(index, display, heat))
-        predecessor = self._predecessor(findings, study_id)
-        if self.report_pool is not None:  # Python-bound work: beside this process, not in it
-            encoded: list[EncodedObject] = self.report_pool.build_report(
-                (findings, sources, key_images, predecessor),
-                timeout_s=self.config.worker.job_timeout_seconds,
-            )
-        else:
-            encoded = build_result_objects(findings, sources, key_images, predecessor)
-        objects = []
-        root = self.config.storage.path
-        for obj in encoded:
-            path = results_dir / f"{obj.kind}-{obj.sop_instance_uid}.dcm"
-            self.store.write_file(path, obj.data)  # durable after the flush before the commit
-            objects.append(
-                {
-                    "kind": obj.kind,
-                    "sop_instance_uid": obj.sop_instance_uid,
-                    "sop_class_uid": obj.sop_class_uid,
-                    "series_instance_uid": obj.series_instance_uid,
-                    "path": str(path.relative_to(root)),
-                }
-            )
-        return objects
-
-    def _display_image(self, path: Path) -> np.ndarray:
-        """The radiograph as shown, for the key image (under the decode time limit when pooled)."""
-        if self.pool is not None:
-            return read_display_image(
-                path,
-                max_size=DISPLAY_MAX_SIZE,
-                timeout_s=self.config.worker.decode_timeout_seconds,
-                pool=self.pool,
-            )
-        return decode_display_image(path, max_size=DISPLAY_MAX_SIZE)
-
-    def _predecessor(self, findings: StudyFindings, study_id: int) -> DocumentReference | None:
-        """The SR this model made for the study in an earlier job, which a new SR supersedes."""
-        with self.services.sessions() as session:
-            objects_json = session.scalar(
-                select(Result.objects_json)
-                .join(Job, Job.id == Result.job_id)
-                .where(
-                    Job.study_id == study_id,
-                    Job.id != findings.job_id,
-                    Result.model_name == findings.model.name,
-                    Result.objects_json.is_not(None),
-                )
-                .order_by(Result.id.desc())
-                .limit(1)
-            )
-        for obj in json.loads(objects_json or "[]"):
-            if obj.get("kind") == "sr":
-                return DocumentReference(
-                    findings.study_instance_uid, obj["series_instance_uid"], obj["sop_instance_uid"]
-                )
-        return None
-
-    def _log_job(self, work: JobWork, outputs: list[tuple[StudyFindings, list[dict[str, str]]]]) -> None:
-        """One canonical line per job: UIDs, models, decisions, timings; never patient data."""
-        summary = []
-        for findings, objects in outputs:
-            decided = ", ".join(
-                f"{f.label}={f.probability:.2f}{'+' if f.present else '-'}" for f in findings.study_findings
-            )
-            summary.append(
-                f"{findings.model.name} {findings.model.version} on {len(findings.images)} images: "
-                f"{decided}; {len(objects)} objects queued"
-            )
-        skipped = [i for i in work.images if i.decision.model is None]
-        failed = [i for i in work.images if i.error and i.decision.model is not None]
-        timings = " ".join(f"{k}={v:.3f}s" for k, v in work.timings.items())
-        if work.batch_size > 1:
-            timings += f" (model and heatmap shared by {work.batch_size} jobs)"
-        logger.info(
-            "job %d study %s done: %s; %d images without a model, %d undecodable; %s",
-            work.job.id,
-            work.job.study_instance_uid,
-            " | ".join(summary) or "no model applies",
-            len(skipped),
-            len(failed),
-            timings,
-        )
+            self.writer.report(works)
+        finally:
+            self.watchdog.clear(token)
 
 
 def pipeline_chunks(jobs: list[ClaimedJob]) -> list[list[ClaimedJob]]:
@@ -612,29 +412,21 @@ def pipeline_chunks(jobs: list[ClaimedJob]) -> list[list[ClaimedJob]]:
     return [list(jobs[:middle]), list(jobs[middle:])]
 
 
-def model_cpu_threads() -> int:
-    """Torch threads for a model on the CPU: one core fewer than this process may use.
-
-    The reporter thread (building the previous batch's results) and the decode process run beside
-    the model; a model with as many threads as cores then loses far more to oversubscription (its
-    threads wait for each other at every operator) than the one core gives (measured on 2 cores:
-    5.3-6.2 against 3.9-4.2 studies/s).
-    """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return max(1, cores - 1)
-
-
 def run_worker(config: Config, *, burst: bool = False) -> int:
-    """The worker process: drain the queue until stopped (or until empty, with ``burst``)."""
+    """The worker process: drain the queue until stopped (or until empty, with ``burst``).
+
+    Its CPU priority is lowered first (``[worker] nice``, ``cpu_policy``), before any thread or
+    child process starts, so that every one of them inherits it and reception keeps the CPU.
+    """
     from dicomnode.node.process import StopSignal, die_with_parent
 
+    priority = CpuPriority(config.worker.nice, config.worker.cpu_policy)
+    applied = apply_cpu_priority(priority)
+    logger.info("worker CPU priority: nice %d, policy %s", applied.nice, applied.policy)
     die_with_parent()
     services = open_services(config, upgrade=False)
-    pool = DecodePool(workers=DECODE_PROCESSES)
-    worker = Worker(config, services, pool=pool)
+    pool = DecodePool(workers=DECODE_PROCESSES, cpu_priority=priority)
+    worker = Worker(config, services, pool=pool, cpu_priority=priority)
     try:
         worker.run(StopSignal(), burst=burst)
         return 0
