@@ -35,7 +35,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 
 from dicomnode.db import Instance
 from dicomnode.net.dimse import C_ECHO_RQ, C_STORE_RQ, NO_DATA_SET, decode_command, encode_response
-from dicomnode.net.upper_layer import AcceptorServer
+from dicomnode.net.transport import AcceptorServer
 from dicomnode.node.services import open_services
 from dicomnode.receive.scp import StorageSCP, acceptor_settings
 
