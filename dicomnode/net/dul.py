@@ -62,6 +62,7 @@ class State(enum.Enum):
 
 
 _PDU_TYPES = frozenset(PduType)
+_P_DATA_TF = int(PduType.P_DATA_TF)  # a plain int: compared on every PDU
 _PDU_HEADER = struct.Struct(">BxL")
 _PDV_HEADER = struct.Struct(">LBB")
 MAX_NEGOTIATION_PDU = 1024 * 1024  # an A-ASSOCIATE-RQ is a few KiB even with every SOP class
@@ -94,6 +95,7 @@ class Connection:
         self._send_lock = threading.Lock()
         self._header = bytearray(6)
         self._header_view = memoryview(self._header)
+        self._pdu_limit = host.settings.pdu_limit  # read once: checked on every PDU
 
     def run(self) -> str:
         """Serve the connection to its end; how it ended ("released", "aborted", "rejected", ...)."""
