@@ -31,6 +31,10 @@ DEFAULTS: dict[str, Any] = {
         "max_associations": 16,
         "min_free_disk_mb": 1024,
         "max_pdu_size": 1048576,
+        "max_pending_connections": 0,
+        "artim_timeout_seconds": 30,
+        "network_timeout_seconds": 60,
+        "transfer_syntax_preference": "sender",
         "listener_processes": 1,
         "instance_name": "",
         "tls": {},
@@ -111,6 +115,10 @@ class NodeConfig:
     listener_processes: int = 1
     instance_name: str = ""  # this host's name in leases and `status` (default: hostname)
     tls: TLSConfig | None = None
+    max_pending_connections: int = 0  # connections not yet associated; 0 = 2 x max_associations + 8
+    artim_timeout_seconds: float = 30.0  # association request (connection to A-ASSOCIATE-RQ), and close
+    network_timeout_seconds: float = 60.0  # silence allowed on an established association
+    transfer_syntax_preference: str = "sender"  # "sender" (first proposed we accept) or "uncompressed"
 
 
 @dataclass(frozen=True)
@@ -290,6 +298,12 @@ def config_from_mapping(data: Mapping[str, Any], *, base_dir: Path, source: Path
             listener_processes=_int(node, "node.listener_processes", 1, 64),
             instance_name=_instance_name(node["instance_name"]),
             tls=_tls(node["tls"], base_dir),
+            max_pending_connections=_int(node, "node.max_pending_connections", 0, 100000),
+            artim_timeout_seconds=_float(node, "node.artim_timeout_seconds", 0.1, 3600.0),
+            network_timeout_seconds=_float(node, "node.network_timeout_seconds", 1.0, 86400.0),
+            transfer_syntax_preference=_choice(
+                node, "node.transfer_syntax_preference", ("sender", "uncompressed")
+            ),
         ),
         storage=StorageConfig(
             path=storage_path,

@@ -35,7 +35,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification  # type: ignore[at
 
 from dicomnode.db import Instance
 from dicomnode.net.dimse import C_ECHO_RQ, C_STORE_RQ, NO_DATA_SET, decode_command, encode_response
-from dicomnode.net.upper_layer import AcceptorServer
+from dicomnode.net.transport import AcceptorServer
 from dicomnode.node.services import open_services
 from dicomnode.receive.scp import StorageSCP, acceptor_settings
 
@@ -234,9 +234,9 @@ def test_silent_connection_is_closed_when_artim_expires(tmp_path: Path) -> None:
             assert sock.recv(16) == b""  # ARTIM expired: the node closes without an A-ABORT (AA-2)
             assert time.monotonic() - started < 5
         deadline = time.monotonic() + 5
-        while server.active_associations and time.monotonic() < deadline:
+        while server.open_connections and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert server.active_associations == 0
+        assert server.open_connections == 0
     finally:
         server.shutdown(grace_seconds=1)
         store.close()

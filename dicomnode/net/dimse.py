@@ -1,23 +1,48 @@
-"""DIMSE command sets (PS3.7 section 9 and annex E): decoding requests, encoding responses.
+"""DIMSE (PS3.7 section 9 and annex E): the command-set codec and dispatch to the service user.
 
 A command set is always Implicit VR Little Endian and holds only group 0000 elements, so it is read
 and written here directly rather than through a general dataset: the listener answers every C-STORE
 with one of these and a pydicom Dataset round trip per message cost more than the rest of the
 response path together. Only what a Verification and Storage SCP needs is implemented.
+
+Reading is tolerant where dcmtk's storescp and Orthanc are: elements outside group 0000 are skipped,
+C-ECHO is answered on any accepted presentation context. A request whose Affected SOP Class or
+Instance UID is not a UID gets a failure status (C-STORE: 0xC001), never a traceback. A known
+request other than C-ECHO/C-STORE gets 0x0211 Unrecognized Operation; a Command Field that is no
+DIMSE request at all has no response command to answer with (OR-ing 0x8000 gives no defined
+response), so the association is aborted (A-ABORT, source: service user), as dcmtk does.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import struct
 from dataclasses import dataclass
 
+from dicomnode.net.association import (
+    VERIFICATION_SOP_CLASS,
+    AbortAssociationError,
+    AbortReason,
+    AbortSource,
+    Association,
+    Response,
+    ServiceUser,
+)
 from dicomnode.status import Status
+
+logger = logging.getLogger(__name__)
 
 # Command Field values (PS3.7 E.1).
 C_STORE_RQ = 0x0001
 C_ECHO_RQ = 0x0030
 C_CANCEL_RQ = 0x0FFF
 RESPONSE_BIT = 0x8000
+# Every request Command Field PS3.7 E.1 defines; other values have no response command.
+DIMSE_REQUESTS = frozenset(
+    (0x0001, 0x0010, 0x0020, 0x0021, 0x0030, 0x0100, 0x0110, 0x0120, 0x0130, 0x0140, 0x0150, C_CANCEL_RQ)
+)
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
 # Command Data Set Type: this value means "no data set follows"; any other means one does.
 NO_DATA_SET = 0x0101
@@ -66,11 +91,10 @@ def decode_command(data: bytes | bytearray | memoryview) -> Command:
             raise CommandSetError("truncated element header in the command set")
         group, element, length = _ELEMENT_HEADER.unpack_from(view, offset)
         offset += 8
-        if group != 0x0000:
-            raise CommandSetError(f"element ({group:04X},{element:04X}) outside group 0000 in a command set")
         if length == 0xFFFFFFFF or offset + length > end:
-            raise CommandSetError(f"element (0000,{element:04X}) runs past the end of the command set")
-        values[element] = bytes(view[offset : offset + length])
+            raise CommandSetError(f"element ({group:04X},{element:04X}) runs past the end of the command set")
+        if group == 0x0000:  # anything else does not belong in a command set: skipped, as dcmtk does
+            values[element] = bytes(view[offset : offset + length])
         offset += length
 
     def us(element: int) -> int | None:
@@ -113,8 +137,10 @@ def encode_response(
     presentation context's abstract syntax, stands in when the request has none).
     """
     elements: list[tuple[int, bytes]] = []
-    affected_class = request.affected_sop_class_uid or sop_class_uid
-    if affected_class:
+    affected_class = request.affected_sop_class_uid
+    if not is_uid(affected_class):  # an invalid UID is not echoed: the context's stands in
+        affected_class = sop_class_uid
+    if is_uid(affected_class):
         elements.append((_AFFECTED_SOP_CLASS_UID, _uid(affected_class)))
     elements.append((_COMMAND_FIELD, _us(request.command_field | RESPONSE_BIT)))
     elements.append((_MESSAGE_ID_BEING_RESPONDED_TO, _us(request.message_id)))
@@ -123,7 +149,7 @@ def encode_response(
     if error_comment and status != Status.SUCCESS:
         comment = error_comment.encode("ascii", errors="replace")[:64]
         elements.append((_ERROR_COMMENT, comment + b" " * (len(comment) % 2)))
-    if request.affected_sop_instance_uid and request.command_field == C_STORE_RQ:
+    if is_uid(request.affected_sop_instance_uid) and request.command_field == C_STORE_RQ:
         elements.append((_AFFECTED_SOP_INSTANCE_UID, _uid(request.affected_sop_instance_uid)))
     body = b"".join(_ELEMENT_HEADER.pack(0, element, len(value)) + value for element, value in elements)
     return _ELEMENT_HEADER.pack(0, 0, 4) + len(body).to_bytes(4, "little") + body
@@ -133,19 +159,72 @@ def _us(value: int) -> bytes:
     return value.to_bytes(2, "little")
 
 
+def is_uid(value: str) -> bool:
+    """Whether ``value`` is a syntactically valid UID (PS3.5 9.1), so that it may be echoed."""
+    return 0 < len(value) <= 64 and value.isascii() and _UID.match(value) is not None
+
+
 def _uid(value: str) -> bytes:
     raw = value.encode("ascii")
     return raw + b"\x00" * (len(raw) % 2)
+
+
+def dispatch(
+    service_user: ServiceUser,
+    association: Association,
+    command: Command,
+    data: list[memoryview] | None,
+    abstract_syntax: str,
+    transfer_syntax: str,
+) -> bytes | None:
+    """Hand a complete request to the service user; the response command set, or None for none.
+
+    Raises AbortAssociationError for a Command Field that is no DIMSE request.
+    """
+    field = command.command_field
+    if field & RESPONSE_BIT or field == C_CANCEL_RQ:
+        return None  # nothing to answer (we never send requests; C-CANCEL has no response)
+    if field not in DIMSE_REQUESTS:
+        raise AbortAssociationError(
+            f"Command Field 0x{field:04X} is no DIMSE request",
+            AbortReason.NOT_SPECIFIED,
+            AbortSource.SERVICE_USER,
+        )
+    response: Response
+    if field == C_ECHO_RQ:  # on any accepted context, as dcmtk, Orthanc and pynetdicom answer
+        response = service_user.c_echo(association, command)
+    elif field == C_STORE_RQ and abstract_syntax == VERIFICATION_SOP_CLASS:
+        response = Response(Status.SOP_CLASS_NOT_SUPPORTED, "C-STORE on the Verification context")
+    elif field == C_STORE_RQ:
+        if not (is_uid(command.affected_sop_class_uid) and is_uid(command.affected_sop_instance_uid)):
+            logger.warning(
+                "C-STORE from %s refused: Affected SOP Class/Instance UID is not a UID", association.address
+            )
+            response = Response(
+                Status.CANNOT_UNDERSTAND_MISSING_UID, "Affected SOP Class/Instance UID invalid"
+            )
+        elif data is None:
+            response = Response(Status.CANNOT_UNDERSTAND, "C-STORE request without a data set")
+        else:
+            response = service_user.c_store(association, command, transfer_syntax, data)
+    else:
+        response = Response(Status.UNRECOGNIZED_OPERATION, "only C-ECHO and C-STORE are supported")
+    return encode_response(
+        command, response.status, error_comment=response.error_comment, sop_class_uid=abstract_syntax
+    )
 
 
 __all__ = [
     "C_CANCEL_RQ",
     "C_ECHO_RQ",
     "C_STORE_RQ",
+    "DIMSE_REQUESTS",
     "NO_DATA_SET",
     "RESPONSE_BIT",
     "Command",
     "CommandSetError",
     "decode_command",
+    "dispatch",
     "encode_response",
+    "is_uid",
 ]

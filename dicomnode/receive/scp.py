@@ -35,16 +35,17 @@ from pynetdicom.presentation import PresentationContext
 from dicomnode.config import NodeConfig
 from dicomnode.errors import DicomNodeError, InvalidDatasetError, StorageFullError
 from dicomnode.fsio import buffers_size
-from dicomnode.net.dimse import Command
-from dicomnode.net.tls import server_ssl_context
-from dicomnode.net.upper_layer import (
+from dicomnode.net.association import (
     VERIFICATION_SOP_CLASS,
-    AcceptorServer,
     AcceptorSettings,
     Association,
     Response,
+    TransferSyntaxPreference,
     supported_context,
 )
+from dicomnode.net.dimse import Command
+from dicomnode.net.tls import server_ssl_context
+from dicomnode.net.transport import AcceptorServer
 from dicomnode.queue.jobs import InstanceConflictError, InstanceRecord, JobQueue
 from dicomnode.receive.header import PREAMBLE, file_meta_information, header_text, read_header
 from dicomnode.receive.spool import InstanceStore, validate_uid
@@ -284,7 +285,11 @@ def acceptor_settings(node: NodeConfig, *, processes: int = 1) -> AcceptorSettin
         supported_contexts=supported_contexts(),
         allowed_calling_ae_titles=tuple(node.allowed_calling_ae_titles),
         max_associations=max(1, -(-node.max_associations // max(1, processes))),
+        max_pending_connections=-(-node.max_pending_connections // max(1, processes)),
         max_pdu_size=node.max_pdu_size,
+        artim_timeout=node.artim_timeout_seconds,
+        network_timeout=node.network_timeout_seconds,
+        transfer_syntax_preference=TransferSyntaxPreference(node.transfer_syntax_preference),
     )
 
 
