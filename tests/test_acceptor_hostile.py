@@ -374,27 +374,3 @@ def test_senders_first_proposed_transfer_syntax_is_chosen_and_kept(tmp_path: Pat
         assert stored.PixelData == pydicom.dcmread(source).PixelData
     with running(tmp_path / "uncompressed", transfer_syntax_preference="uncompressed") as listener:
         assert send_as_file(listener, source, proposed) == ExplicitVRLittleEndian
-
-
-def test_net_imports_nothing_of_dicomnode_but_status_errors_and_net() -> None:
-    """The layering rule: dicomnode.net knows nothing of storage, queues or configuration."""
-    import ast
-
-    import dicomnode.net
-
-    allowed = ("dicomnode.status", "dicomnode.errors", "dicomnode.net")
-    package = Path(dicomnode.net.__file__).parent
-    for module in package.glob("*.py"):
-        for node in ast.walk(ast.parse(module.read_text(encoding="utf-8"))):
-            names = []
-            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names = (
-                    [node.module]
-                    if node.module != "dicomnode"
-                    else [f"dicomnode.{a.name}" for a in node.names]
-                )
-            elif isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            for name in names:
-                if name.startswith("dicomnode") and name != "dicomnode.__version__":
-                    assert name.startswith(allowed), f"{module.name} imports {name}"
