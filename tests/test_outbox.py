@@ -16,6 +16,7 @@ import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
+from test_queue import record
 
 from dicomnode import migrate
 from dicomnode.db import (
@@ -29,7 +30,7 @@ from dicomnode.db import (
     utcnow,
 )
 from dicomnode.findings import ModelIdentity, StudyFindings
-from dicomnode.queue.jobs import ClaimedJob, InstanceRecord, JobQueue
+from dicomnode.queue.jobs import ClaimedJob, JobQueue
 from dicomnode.queue.outbox import (
     ERROR_LENGTH,
     DeliveryAttempt,
@@ -76,18 +77,7 @@ def backend(database_url: str) -> Iterator[Backend]:
 def running_job(backend: Backend, study_instance_uid: str | None = None) -> ClaimedJob:
     """A job leased to this test, made as the node makes one: an instance, assembly, a claim."""
     study = study_instance_uid or generate_uid()
-    series, sop = generate_uid(), generate_uid()
-    backend.jobs.record_instance(
-        InstanceRecord(
-            sop_instance_uid=sop,
-            sop_class_uid=CT,
-            study_instance_uid=study,
-            series_instance_uid=series,
-            transfer_syntax_uid="1.2.840.10008.1.2.1",
-            path=f"instances/{study}/{series}/{sop}.dcm",
-            size_bytes=100,
-        )
-    )
+    backend.jobs.record_instance(record(study))
     now = utcnow() + timedelta(seconds=1)
     backend.jobs.assemble_stable_studies(0, 3, now=now)
     (job,) = backend.jobs.claim_many("test", 600, 1, now=now)

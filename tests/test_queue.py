@@ -4,7 +4,7 @@ a real PostgreSQL server; times passed in, no sleeping)."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 
@@ -160,31 +160,23 @@ def test_claim_many_leases_the_oldest_jobs_in_one_go(services: Services) -> None
     assert queue.claim_many("w3", 30, 3, now=later()) == []
 
 
-def test_concurrent_claims_never_share_a_job(services: Services) -> None:
-    """Two threads with their own engines claim from one file: every job goes to exactly one of them."""
-    queue = services.queue
-    for _ in range(30):
-        queue.record_instance(record(generate_uid()))
-    at = later()
-    jobs = queue.assemble_stable_studies(STABLE, 3, now=at)
-    assert len(jobs) == 30
-    url = services.config.storage.database_url
-    engines = [make_engine(url) for _ in range(2)]
-    claimed: dict[str, list[int]] = {"a": [], "b": []}
-    start = threading.Barrier(2)
+def race(url: str, work: Sequence[Callable[[JobQueue], None]]) -> None:
+    """Run each of ``work`` at once in its own thread, each on its own engine (as on its own host);
+    re-raise the first failure here."""
+    engines = [make_engine(url) for _ in work]
+    start = threading.Barrier(len(work))
     errors: list[BaseException] = []
 
-    def drain(owner: str, own_queue: JobQueue) -> None:
+    def run(task: Callable[[JobQueue], None], own_queue: JobQueue) -> None:
         try:
             start.wait(timeout=10)
-            while (job := own_queue.claim(owner, 60, now=at)) is not None:
-                claimed[owner].append(job.id)
+            task(own_queue)
         except BaseException as exc:  # surfaced in the main thread
             errors.append(exc)
 
     threads = [
-        threading.Thread(target=drain, args=(owner, JobQueue(make_sessionmaker(engine))))
-        for owner, engine in zip(claimed, engines, strict=True)
+        threading.Thread(target=run, args=(task, JobQueue(make_sessionmaker(engine))))
+        for task, engine in zip(work, engines, strict=True)
     ]
     for thread in threads:
         thread.start()
@@ -192,7 +184,28 @@ def test_concurrent_claims_never_share_a_job(services: Services) -> None:
         thread.join(timeout=60)
     for engine in engines:
         engine.dispose()
-    assert not errors
+    if errors:
+        raise errors[0]
+
+
+def test_concurrent_claims_never_share_a_job(services: Services) -> None:
+    """Two workers with their own engines claim from one queue: every job goes to exactly one of them."""
+    queue = services.queue
+    for _ in range(30):
+        queue.record_instance(record(generate_uid()))
+    at = later()
+    jobs = queue.assemble_stable_studies(STABLE, 3, now=at)
+    assert len(jobs) == 30
+    claimed: dict[str, list[int]] = {"a": [], "b": []}
+
+    def drainer(owner: str) -> Callable[[JobQueue], None]:
+        def drain(own_queue: JobQueue) -> None:
+            while (job := own_queue.claim(owner, 60, now=at)) is not None:
+                claimed[owner].append(job.id)
+
+        return drain
+
+    race(services.config.storage.database_url, [drainer("a"), drainer("b")])
     assert not set(claimed["a"]) & set(claimed["b"])
     assert sorted(claimed["a"] + claimed["b"]) == sorted(jobs)
     with services.sessions() as session:
@@ -209,27 +222,12 @@ def test_concurrent_assembly_makes_one_job_per_study(services: Services) -> None
         for _ in range(3):
             queue.record_instance(record(study))
     at = later()
-    url = services.config.storage.database_url
-    engines = [make_engine(url) for _ in range(4)]
     created: list[int] = []
-    start = threading.Barrier(len(engines))
-    errors: list[BaseException] = []
 
     def assemble(own_queue: JobQueue) -> None:
-        try:
-            start.wait(timeout=10)
-            created.extend(own_queue.assemble_stable_studies(STABLE, 3, now=at))
-        except BaseException as exc:  # surfaced in the main thread
-            errors.append(exc)
+        created.extend(own_queue.assemble_stable_studies(STABLE, 3, now=at))
 
-    threads = [threading.Thread(target=assemble, args=(JobQueue(make_sessionmaker(e)),)) for e in engines]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    for engine in engines:
-        engine.dispose()
-    assert not errors
+    race(services.config.storage.database_url, [assemble] * 4)
     assert len(created) == len(set(created)) == len(studies)
     with services.sessions() as session:
         jobs = session.scalars(select(Job)).all()
