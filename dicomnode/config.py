@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dicomnode._toml import Table
 from dicomnode.errors import ConfigurationError
 
 CONFIG_ENV = "DICOMNODE_CONFIG"
@@ -361,54 +362,47 @@ def _check_worker(worker: WorkerConfig) -> None:
 
 
 def _section(data: Mapping[str, Any], name: str) -> dict[str, Any]:
-    value = data.get(name, {})
-    if not isinstance(value, Mapping):
-        raise ConfigurationError(name, "must be a table")
-    defaults = DEFAULTS[name]
-    for key in value:
-        if key not in defaults:
-            raise ConfigurationError(f"{name}.{key}", f"unknown key; expected one of {sorted(defaults)}")
-    return {**defaults, **value}
+    """The ``[name]`` table with the embedded defaults filled in; unknown keys are refused."""
+    return dict(Table.of(data.get(name), name, defaults=DEFAULTS[name]).data)
+
+
+# The sections below are read through dicomnode._toml.Table, the one TOML reader; ``key`` is the full
+# dotted key ("node.port"), which every error names.
+
+
+def _at(section: Mapping[str, Any], key: str) -> tuple[Table, str]:
+    prefix, _, name = key.rpartition(".")
+    return Table(section, prefix), name
 
 
 def _str(section: Mapping[str, Any], key: str) -> str:
-    value = section[key.rsplit(".", 1)[-1]]
-    if not isinstance(value, str) or not value:
-        raise ConfigurationError(key, "must be a non-empty string")
-    return value
+    table, name = _at(section, key)
+    return table.string(name, nonempty=True)
 
 
 def _choice(section: Mapping[str, Any], key: str, choices: tuple[str, ...]) -> str:
-    value = _str(section, key)
-    if value not in choices:
-        raise ConfigurationError(key, f"must be one of {', '.join(choices)}; got {value!r}")
-    return value
+    table, name = _at(section, key)
+    return table.choice(name, choices)
 
 
 def _int(section: Mapping[str, Any], key: str, low: int, high: int) -> int:
-    value = section[key.rsplit(".", 1)[-1]]
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigurationError(key, f"must be an integer between {low} and {high}; got {value!r}")
-    return value
+    table, name = _at(section, key)
+    return table.integer(name, low=low, high=high)
 
 
 def _float(section: Mapping[str, Any], key: str, low: float, high: float) -> float:
-    value = section[key.rsplit(".", 1)[-1]]
-    if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= high:
-        raise ConfigurationError(key, f"must be a number between {low} and {high}; got {value!r}")
-    return float(value)
+    table, name = _at(section, key)
+    return table.number(name, low=low, high=high)
 
 
 def _list(section: Mapping[str, Any], key: str) -> list[Any]:
-    value = section[key.rsplit(".", 1)[-1]]
-    if not isinstance(value, list):
-        raise ConfigurationError(key, "must be a list")
-    return value
+    table, name = _at(section, key)
+    return table.array(name)
 
 
 def _path(section: Mapping[str, Any], key: str, base_dir: Path) -> Path:
-    path = Path(_str(section, key)).expanduser()
-    return path if path.is_absolute() else (base_dir / path).resolve()
+    table, name = _at(section, key)
+    return table.path(name, base_dir, resolve=True)
 
 
 def _instance_name(value: Any) -> str:
