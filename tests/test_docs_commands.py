@@ -24,7 +24,12 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 DOCUMENTS = [REPOSITORY / "README.md", *sorted((REPOSITORY / "docs").glob("*.md"))]
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
 INLINE = re.compile(r"(?<!`)`([^`\n]+)`(?!`)")
-INVOCATION = re.compile(r"(?:^|[\s(])(?:\S*/)?(?:python -m )?dicomnode(?=\s)(.*)$")
+# `dicomnode` in command position: at the start, after a shell operator or `$(`, after VAR=value
+# assignments or `sudo -u USER`; not `journalctl -u dicomnode` or `/opt/dicomnode/scripts/setup.sh`
+INVOCATION = re.compile(
+    r"(?:^|&&|\|\||;|\||\$\()\s*(?:\w+=\S+\s+)*(?:sudo\s+(?:-u\s+\S+\s+)?)?"
+    r"(?:\S*/)?(?:python -m )?dicomnode(?=\s)(.*)$"
+)
 SHELL_OPERATORS = {"&&", "||", "|", ";", "&", ">", ">>", "2>", "<"}
 # placeholders whose value must be one of a choice or a number
 PLACEHOLDER_VALUES = {
@@ -51,6 +56,16 @@ class Shown:
         return f"{self.document}:{self.line}: dicomnode {self.text}"
 
 
+def _invocations(line: str) -> list[str]:
+    """The arguments of each ``dicomnode`` command on a shell line (`a && dicomnode b`: both)."""
+    found = []
+    for segment in re.split(r"&&|\|\||;|(?<!\|)\|(?!\|)", line.split(" #")[0]):
+        match = INVOCATION.search(segment.strip())
+        if match:
+            found.append(match.group(1))
+    return found
+
+
 def _commands_in(path: Path) -> list[Shown]:
     text = path.read_text(encoding="utf-8")
     found: list[Shown] = []
@@ -59,16 +74,16 @@ def _commands_in(path: Path) -> list[Shown]:
         fenced.append(block.span())
         first = text.count("\n", 0, block.start(1)) + 1
         for offset, line in enumerate(block.group(1).splitlines()):
-            match = INVOCATION.search(line)
-            if match and not BOX_DRAWING.search(line):
-                found.append(Shown(path.name, first + offset, match.group(1)))
+            if BOX_DRAWING.search(line):
+                continue
+            for command in _invocations(line):
+                found.append(Shown(path.name, first + offset, command))
     for span in INLINE.finditer(text):
         if any(start <= span.start() < end for start, end in fenced):
             continue
-        match = INVOCATION.search(span.group(1))
-        if match and span.group(1).lstrip().startswith(("dicomnode", ".venv/bin/dicomnode", "python -m")):
-            line = text.count("\n", 0, span.start()) + 1
-            found.append(Shown(path.name, line, match.group(1), inline=True))
+        line = text.count("\n", 0, span.start()) + 1
+        for command in _invocations(span.group(1)):
+            found.append(Shown(path.name, line, command, inline=True))
     return found
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -190,3 +191,99 @@ def test_cuda_without_a_gpu_blames_the_setting_not_the_weights() -> None:
         ModelRunner(load_model_package(DEFAULT_MODEL), device="cuda")
     message = str(raised.value)
     assert "no CUDA GPU" in message and '"cpu"' in message and "weights" not in message
+
+
+def _fake_debian(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A copy of setup.sh beside fake dpkg/apt-get/sudo that log their calls: nothing real is installed."""
+    copy = tmp_path / "repo"
+    (copy / "scripts").mkdir(parents=True)
+    shutil.copy(REPOSITORY / "scripts" / "setup.sh", copy / "scripts" / "setup.sh")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    log = tmp_path / "apt.log"
+    scripts = {
+        "dpkg": "exit 1",  # every package is missing
+        "sudo": 'exec "$@"',
+        "apt-get": f'echo "$*" >> {log}\n'
+        'case "$*" in *install*) echo "E: Unable to locate package orthanc" >&2; exit 100;; esac',
+    }
+    for name, body in scripts.items():
+        (fake / name).write_text(f"#!/bin/sh\n{body}\n", encoding="utf-8")
+        (fake / name).chmod(0o755)
+    return copy / "scripts" / "setup.sh", {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+
+
+def test_setup_installs_test_packages_only_with_the_flag_and_stops_with_a_reason(tmp_path: Path) -> None:
+    """setup.sh prints its step and what it installs; apt-get failing stops it with a message, exit 1;
+    Orthanc, dicom3tools and PixelMed are asked for only with --test."""
+    setup, env = _fake_debian(tmp_path)
+    run = subprocess.run(
+        ["bash", str(setup)], capture_output=True, text=True, env=env, timeout=60, check=False
+    )
+    assert run.returncode == 1
+    assert "== [1/4] installing system packages: dcmtk python3-venv" in run.stdout
+    assert "setup.sh: could not install dcmtk python3-venv with apt-get" in run.stderr
+    assert "Unable to locate package" in run.stderr  # apt's own reason stays visible
+    installs = [line for line in (tmp_path / "apt.log").read_text().splitlines() if "install" in line]
+    assert installs and all("orthanc" not in line and "pixelmed" not in line for line in installs)
+    assert not (setup.parent.parent / ".venv").exists()  # stopped at the failing step
+
+    (tmp_path / "apt.log").unlink()
+    run = subprocess.run(
+        ["bash", str(setup), "--test"], capture_output=True, text=True, env=env, timeout=60, check=False
+    )
+    assert run.returncode == 1
+    installs = [line for line in (tmp_path / "apt.log").read_text().splitlines() if "install" in line]
+    assert any("orthanc" in line and "dicom3tools" in line and "pixelmed-apps" in line for line in installs)
+    bad = subprocess.run(
+        ["bash", str(setup), "--tests"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert bad.returncode == 2 and "unknown option --tests" in bad.stderr
+
+
+UNIT = REPOSITORY / "packaging" / "dicomnode.service"
+
+
+def _unit_settings() -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    for line in UNIT.read_text(encoding="utf-8").splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            settings.setdefault(key.strip(), []).append(value.strip())
+    return settings
+
+
+def test_systemd_unit_runs_serve_unprivileged_restarts_and_stops_gracefully() -> None:
+    """The unit runs `dicomnode serve` as user dicomnode with its state folder, restarts, stops on SIGTERM."""
+    settings = _unit_settings()
+    assert settings["User"] == ["dicomnode"] and settings["Group"] == ["dicomnode"]
+    assert settings["ExecStart"][0].endswith("/dicomnode serve")
+    assert settings["StateDirectory"] == ["dicomnode"]  # /var/lib/dicomnode, owned by User=
+    assert "DICOMNODE_CONFIG=/etc/dicomnode/config.toml" in settings["Environment"]
+    assert settings["Restart"] == ["on-failure"]
+    assert settings["KillSignal"] == ["SIGTERM"] and settings["KillMode"] == ["mixed"]
+    assert int(settings["TimeoutStopSec"][0]) > 30  # longer than serve's association grace period
+    from dicomnode.config import load_config
+
+    config = load_config(str(REPOSITORY / "packaging" / "config.toml"))
+    assert str(config.storage.path) == "/var/lib/dicomnode"  # the StateDirectory
+
+
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    """`systemd-analyze verify` accepts the unit (ExecStart pointed at this checkout's dicomnode)."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed (no systemd on this machine)")
+    executable = Path(sys.executable).parent / "dicomnode"
+    if not executable.exists():
+        pytest.skip(f"{executable} is missing: the project is not installed in this environment")
+    unit = tmp_path / "dicomnode.service"
+    unit.write_text(
+        UNIT.read_text(encoding="utf-8").replace("/opt/dicomnode/.venv/bin/dicomnode", str(executable)),
+        encoding="utf-8",
+    )
+    run = subprocess.run(
+        [analyze, "verify", str(unit)], capture_output=True, text=True, timeout=60, check=False
+    )
+    ours = [line for line in (run.stdout + run.stderr).splitlines() if "dicomnode.service" in line]
+    assert run.returncode == 0 and ours == [], run.stdout + run.stderr
