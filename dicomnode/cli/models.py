@@ -163,7 +163,11 @@ def cmd_infer(config: Config, args: argparse.Namespace) -> int:
     from dicomnode.sandbox import DecodePool
     from dicomnode.work.inference import ModelRegistry, decode_inputs, predict, route_files
 
-    errors = {name: error for name in args.files for _header, error in [dicom_file_header(name)] if error}
+    errors: dict[str, str] = {}
+    for name in args.files:
+        _header, error = dicom_file_header(name)
+        if error:
+            errors[name] = error
     readable = [name for name in args.files if name not in errors]
     registry = ModelRegistry(
         config.models.path, device=config.worker.device, max_batch_size=config.worker.max_batch_size
