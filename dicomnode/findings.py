@@ -64,6 +64,8 @@ class ModelIdentity:
     display_name: str
     manufacturer: str = "dicomnode"
     device_observer_uid: str = ""  # stable per (name, version); derived by the model package
+    # the model card's flag; True (the cautious reading) for findings stored before the field existed
+    not_for_clinical_use: bool = True
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,26 @@ def _image_from_dict(data: dict[str, Any]) -> ImageFindings:
         frame_number=data.get("frame_number"),
         heatmaps=dict(data.get("heatmaps", {})),
     )
+
+
+# shown probabilities never read 0 % or 100 %: a model is never certain, and the SR, the key image and
+# ``dicomnode infer`` must say the same number
+DISPLAY_PERCENT_MIN = 0.1
+DISPLAY_PERCENT_MAX = 99.9
+
+
+def display_percent(probability: float) -> float:
+    """``probability`` (0..1) as the percent every output shows: one decimal, clamped to 0.1..99.9.
+
+    0.999 -> 99.9, 0.9996 -> 99.9 (not 100.0), 0.0004 -> 0.1 (not 0.0), 0.87 -> 87.0.
+    """
+    percent = round(100.0 * float(probability), 1)
+    return min(max(percent, DISPLAY_PERCENT_MIN), DISPLAY_PERCENT_MAX)
+
+
+def format_percent(probability: float) -> str:
+    """The shown text of a probability, e.g. ``"99.9 %"`` (see :func:`display_percent`)."""
+    return f"{display_percent(probability):.1f} %"
 
 
 def study_level(images: list[ImageFindings]) -> tuple[LabelFinding, ...]:

@@ -60,7 +60,10 @@ class PostgresServer:
         command = [str(self.bin_dir / argv[0]), *argv[1:]]
         if os.geteuid() == 0:
             command = ["runuser", "-u", self.user, "--", *command]
-        return subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=True)
+        # cwd: the server's own folder, which its user can enter (pg_ctl fails in a folder it cannot)
+        return subprocess.run(
+            command, capture_output=True, text=True, timeout=timeout, check=True, cwd=self.root
+        )
 
     def start(self) -> None:
         self.socket_dir.mkdir(parents=True)

@@ -409,8 +409,8 @@ def test_specific_character_set_and_patient_name_survive(
 # --- key image ------------------------------------------------------------------------------
 
 
-def test_key_image_blends_heatmap_and_burns_in_result(tmp_path: Path) -> None:
-    """The key image is RGB, downscaled to 1024, coloured where the map is high, annotated, YES burned in."""
+def test_key_image_blends_heatmap_and_writes_result_below(tmp_path: Path) -> None:
+    """RGB, radiograph downscaled to 1024, coloured where the map is high, result in a band below it."""
     source = rg1()
     heat = np.zeros((64, 64), np.float32)
     heat[40:56, 8:24] = 1.0
@@ -425,20 +425,90 @@ def test_key_image_blends_heatmap_and_burns_in_result(tmp_path: Path) -> None:
     back = pydicom.dcmread(path)
     assert back.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
     assert back.PhotometricInterpretation == "RGB" and back.BitsAllocated == 8
-    assert max(back.Rows, back.Columns) == 1024
+    film_rows = round(grey.shape[0] * 1024 / max(grey.shape))
+    assert back.Columns == round(grey.shape[1] * 1024 / max(grey.shape)) and back.Rows > film_rows
     assert back.BurnedInAnnotation == "YES"
     assert back.PatientOrientation == source.PatientOrientation
     assert back.StudyInstanceUID == source.StudyInstanceUID and back.SeriesNumber == 78
     assert back.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
-    assert "Pneumonia 87 %" in back.ImageComments
+    assert "Pneumonia 87.0 % (present at threshold 0.50)" in back.ImageComments
+    assert "not for clinical use" in back.ImageComments
     pixels = back.pixel_array.astype(int)
-    rows, columns = back.Rows, back.Columns
+    rows, columns = film_rows, back.Columns
     hot = pixels[int(rows * 0.7) : int(rows * 0.8), int(columns * 0.2) : int(columns * 0.3)]
     cold = pixels[int(rows * 0.4) : int(rows * 0.5), int(columns * 0.7) : int(columns * 0.8)]
     assert np.abs(hot[..., 0] - hot[..., 2]).mean() > 40  # coloured
     assert np.abs(cold[..., 0] - cold[..., 2]).mean() < 2  # still grey
-    banner = pixels[: rows // 20, : columns // 2]
-    assert (banner == 255).all(axis=-1).sum() > 200  # white text drawn
+    band = pixels[film_rows:]
+    assert (band == 255).all(axis=-1).sum() > 200  # white text drawn in the band
+    assert not (pixels[: film_rows // 10] == 255).all(axis=-1).all(axis=1).any()  # no text over the film
+
+
+def _gradcam_like(rows: int, columns: int) -> np.ndarray:
+    """A coarse map as Grad-CAM gives (10 x 10, one broad peak and a weaker one, nowhere zero)."""
+    yy, xx = np.mgrid[0:10, 0:10].astype(np.float32)
+    heat = np.exp(-((yy - 6) ** 2 + (xx - 3) ** 2) / 8) + 0.4 * np.exp(-((yy - 3) ** 2 + (xx - 7) ** 2) / 5)
+    return (0.15 + heat).astype(np.float32)  # the floor Grad-CAM maps have: a fixed 0.3 tinted most pixels
+
+
+def _radiographs() -> list[Dataset]:
+    """Two real radiographs: the adult chest CR and, when installed, a paediatric pneumonia one."""
+    found = [rg1()]
+    if PNEUMONIA_JPEGS:
+        found.append(wrap_jpeg(PNEUMONIA_JPEGS[0], study=None, view="PA", instance=1))
+    else:
+        found.append(pydicom.dcmread(find("CR-MONO1-10-chest.dcm")))
+    return found
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_key_image_keeps_the_radiograph_readable(index: int, tmp_path: Path) -> None:
+    """Band below the film with legend and caution line; most of the radiograph's pixels unchanged."""
+    from dicomnode.report.key_image import _downscale
+
+    source = _radiographs()[index]
+    identity = ModelIdentity("pneumonia-xception", "0.3.0", "Pneumonia Xception", not_for_clinical_use=True)
+    image = image_findings(source, label(PNEUMONIA, 0.9996))
+    findings = StudyFindings(source.StudyInstanceUID, identity, (image,), study_level([image]))
+    grey = display_image(source)
+    key = build_key_image(findings, image, source, grey, _gradcam_like(*grey.shape))
+    path = save(key, tmp_path / "key.dcm")
+    Image.fromarray(pydicom.dcmread(path).pixel_array).save(tmp_path / "key.png")  # to look at
+    back = pydicom.dcmread(path)
+    film = _downscale(grey, 1024)
+    film_rows, columns = film.shape
+    assert back.Columns == columns and back.Rows > film_rows + 40  # the band is added, not drawn over
+    pixels = back.pixel_array.astype(int)
+    unchanged = (pixels[:film_rows] == film[:, :, np.newaxis]).all(axis=-1).mean()
+    assert unchanged > 0.6, f"{1 - unchanged:.0%} of the radiograph's pixels are tinted"
+    band = pixels[film_rows:]
+    coloured = np.abs(band[..., 0] - band[..., 2]) > 100  # the colour bar: red and blue ends differ
+    assert coloured.sum() > 10 * columns // 4
+    assert (band == 255).all(axis=-1).sum() > 200  # the text
+    assert "99.9 %" in back.ImageComments and "100" not in back.ImageComments.split("%")[0]
+    assert "not verified" in back.ImageComments and "not for clinical use" in back.ImageComments
+    dciodvfy = _tool("dciodvfy")
+    run = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True, timeout=60, check=False)
+    assert [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")] == []
+
+
+def test_key_image_omits_the_clinical_warning_only_when_the_card_allows() -> None:
+    """ "not for clinical use" follows the model card's flag; "not verified" is always there."""
+    from dicomnode.report.key_image import caution_text
+
+    assert caution_text(MODEL) == "AI result — not verified — not for clinical use"  # defaulted True
+    cleared = ModelIdentity("m", "1", "M", not_for_clinical_use=False)
+    assert caution_text(cleared) == "AI result — not verified"
+
+
+def test_shown_percent_never_reads_0_or_100() -> None:
+    """One rounding for SR, key image and infer: one decimal, clamped to 0.1..99.9."""
+    from dicomnode.findings import display_percent, format_percent
+
+    assert format_percent(0.999) == "99.9 %"
+    assert format_percent(0.9996) == "99.9 %" and format_percent(1.0) == "99.9 %"
+    assert format_percent(0.0) == "0.1 %" and format_percent(0.0004) == "0.1 %"
+    assert format_percent(0.873) == "87.3 %" and display_percent(0.5) == 50.0
 
 
 def test_key_object_selection_flags_sr_and_key_image(tmp_path: Path) -> None:
@@ -462,7 +532,7 @@ def test_key_object_selection_flags_sr_and_key_image(tmp_path: Path) -> None:
 
 
 def test_heatmap_blend_equals_the_colormap_formula() -> None:
-    """Blending only above the floor, through the colormap's table, gives the full formula's pixels."""
+    """Blending above half the map's maximum, through the colormap's table, equals the full formula."""
     import matplotlib
 
     rng = np.random.default_rng(7)
@@ -475,7 +545,8 @@ def test_heatmap_blend_equals_the_colormap_formula() -> None:
         big = np.asarray(Image.fromarray(heat, mode="F").resize((100, 80), Image.Resampling.BILINEAR))
         big = np.clip(big, 0.0, 1.0)
         colours = matplotlib.colormaps["jet"](big)[:, :, :3] * 255.0
-        alpha = np.clip((big - 0.3) / (1.0 - 0.3), 0.0, 1.0)[:, :, np.newaxis] * 0.5
+        big = big / big.max()
+        alpha = np.clip((big - 0.5) / (1.0 - 0.5), 0.0, 1.0)[:, :, np.newaxis] * 0.45
         return np.clip(np.rint(rgb.astype(np.float32) * (1.0 - alpha) + colours * alpha), 0, 255).astype(
             np.uint8
         )

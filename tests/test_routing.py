@@ -137,21 +137,21 @@ def test_image_type_needs_all_listed_values() -> None:
 
 
 def test_rules_test_command_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """`dicomnode rules test FILE... --json` reports route, model and reason per file."""
+    """`rules test FILE... --json`: route, model and reason per file; a not-DICOM file is an error."""
     path = write_config(tmp_path)
     assert "[[routes]]" not in path.read_text(encoding="utf-8")  # the default routes apply
     files = [str(find(name)) for name in ("RG1_UNCR.dcm", "RG3_UNCR.dcm", "CT_small.dcm")]
     junk = tmp_path / "not-dicom.dcm"
     junk.write_bytes(b"hello")
     capsys.readouterr()
-    assert main(["--config", str(path), "rules", "test", *files, str(junk), "--json"]) == 0
+    assert main(["--config", str(path), "rules", "test", *files, str(junk), "--json"]) == 1
     results = json.loads(capsys.readouterr().out)
     assert [r["file"] for r in results] == [*files, str(junk)]
     assert [r["model"] for r in results] == ["pneumonia-xception", None, None, None]
     assert results[0]["route"] == "chest-radiograph"
     assert "BodyPartExamined EXTREMITY" in results[1]["reason"]
     assert "Modality CT" in results[2]["reason"]
-    assert results[3]["reason"].startswith("unreadable")
+    assert "not a DICOM file" in results[3]["error"] and results[0]["error"] is None
     assert main(["--config", str(path), "rules", "test", files[0]]) == 0
     assert "pneumonia-xception" in capsys.readouterr().out
 

@@ -39,12 +39,12 @@ def _probabilities(config: Config, model: str, csv: str) -> tuple[Any, Any, list
     from dicomnode.work.inference import ImageInput, ModelRegistry, predict
     from dicomnode.work.routing import RouteDecision
 
+    dataset = load_labelled_dataset(csv)  # first: a CSV mistake is reported before the model loads
     path = package_path(config, model)
     registry = ModelRegistry(
         path.parent, device=config.worker.device, max_batch_size=config.worker.max_batch_size
     )
     card = registry.package(path.name).card
-    dataset = load_labelled_dataset(csv)
     decision = RouteDecision("evaluate", path.name, "evaluate")
     images = []
     with DecodePool(workers=1) as pool:
@@ -166,6 +166,19 @@ def cmd_train(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _fraction(text: str) -> float:
+    """A sensitivity as a fraction. 95 is refused rather than read as 95 %: a guess written into a
+    model card is worse than a message."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a fraction such as 0.95") from None
+    if not 0.0 < value <= 1.0:
+        hint = f" (for {value:g} % write {value / 100:g})" if 1.0 < value <= 100.0 else ""
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {text}{hint}")
+    return value
+
+
 def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     """Register the lifecycle subcommands on the main parser."""
     dataset = sub.add_parser("dataset", help="labelled datasets").add_subparsers(
@@ -201,7 +214,9 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("model", help="model name or package folder")
     p.add_argument("csv")
-    p.add_argument("--sensitivity", type=float, required=True)
+    p.add_argument(
+        "--sensitivity", type=_fraction, required=True, help="the sensitivity to reach, 0–1 (0.95, not 95)"
+    )
     p.add_argument("--label", help="which label (default: the first)")
     p.add_argument("--dry-run", action="store_true")
     p.set_defaults(func=cmd_threshold)

@@ -7,12 +7,28 @@ the model side only when it runs.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dicomnode.cli._output import print_json
+from dicomnode.cli._output import EXIT_FAILURE, EXIT_OK, print_json
 from dicomnode.config import Config
 from dicomnode.errors import ConfigurationError, ModelUnavailableError
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+
+def install_hint(model: str) -> str:
+    """What to do about a missing model: install-default only for the default model, else name the others."""
+    from dicomnode.models import DEFAULT_MODEL_NAME
+
+    if model == DEFAULT_MODEL_NAME:
+        return "install it with: dicomnode models install-default"
+    return (
+        "`dicomnode models list` shows the installed ones; copy the package folder (with its model.toml "
+        "and weights) into models.path, or give the package folder's path"
+    )
 
 
 def package_path(config: Config, model: str) -> Path:
@@ -25,8 +41,30 @@ def package_path(config: Config, model: str) -> Path:
         return candidate
     raise ModelUnavailableError(
         f"no model package {model!r} in {config.models.path} (nor a folder of that name with a model.toml); "
-        "install the default model with: dicomnode models install-default"
+        + install_hint(model)
     )
+
+
+def dicom_file_header(name: str) -> tuple[Dataset | None, str | None]:
+    """The header of a DICOM file, or why ``name`` is not one (missing, a folder, not DICOM).
+
+    Shared by ``rules test`` and ``infer`` so that both say the same thing about the same input. pydicom
+    reads almost any bytes with ``force``; a data set without a SOP Class UID is not an image to route.
+    """
+    from dicomnode.imaging.frames import read_header
+
+    path = Path(name)
+    if not path.exists():
+        return None, f"{name}: no such file; give the path of a DICOM file"
+    if path.is_dir():
+        return None, f"{name} is a folder; give the DICOM files in it (e.g. {name}/*.dcm)"
+    not_dicom = f"{name}: not a DICOM file (no DICOM header with a SOP Class UID); give a DICOM file"
+    try:
+        header = read_header(path)
+        is_image = "SOPClassUID" in header or "MediaStorageSOPClassUID" in header.file_meta
+    except Exception:
+        return None, not_dicom
+    return (header, None) if is_image else (None, not_dicom)
 
 
 # --- models ---------------------------------------------------------------------------------------
@@ -98,38 +136,43 @@ def cmd_models_install_default(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_rules_test(config: Config, args: argparse.Namespace) -> int:
     """Show which model each file would get, and why."""
-    from pydicom import dcmread
-
     from dicomnode.work.routing import route_image
 
-    results = []
+    results: list[dict[str, Any]] = []
     for name in args.files:
-        try:
-            header = dcmread(name, stop_before_pixels=True)
-        except Exception as exc:
-            results.append(
-                {"file": name, "route": None, "model": None, "reason": f"unreadable: {type(exc).__name__}"}
-            )
+        header, error = dicom_file_header(name)
+        if header is None:
+            results.append({"file": name, "route": None, "model": None, "reason": None, "error": error})
             continue
         decision = route_image(config.routes, header, args.calling_ae)
-        results.append({"file": name, **decision.to_dict()})
+        results.append({"file": name, **decision.to_dict(), "error": None})
     if args.json:
         print_json(results)
     else:
         for item in results:
-            print(f"{item['file']}: {item['model'] or 'no model'} — {item['reason']}")
-    return 0
+            if item["error"]:
+                print(f"error: {item['error']}", file=sys.stderr)
+            else:
+                print(f"{item['file']}: {item['model'] or 'no model'} — {item['reason']}")
+    return EXIT_FAILURE if any(item["error"] for item in results) else EXIT_OK
 
 
 def cmd_infer(config: Config, args: argparse.Namespace) -> int:
     """Routing + preprocessing + model on files, without the server."""
+    from dicomnode.findings import format_percent
     from dicomnode.sandbox import DecodePool
     from dicomnode.work.inference import ModelRegistry, decode_inputs, predict, route_files
 
+    errors: dict[str, str] = {}
+    for name in args.files:
+        _header, error = dicom_file_header(name)
+        if error:
+            errors[name] = error
+    readable = [name for name in args.files if name not in errors]
     registry = ModelRegistry(
         config.models.path, device=config.worker.device, max_batch_size=config.worker.max_batch_size
     )
-    images = route_files(config, [(i, Path(name), args.calling_ae) for i, name in enumerate(args.files)])
+    images = route_files(config, [(i, Path(name), args.calling_ae) for i, name in enumerate(readable)])
     missing = sorted(
         {
             i.decision.model
@@ -140,14 +183,21 @@ def cmd_infer(config: Config, args: argparse.Namespace) -> int:
     )
     if missing:
         raise ModelUnavailableError(
-            f"model {missing[0]!r} is not installed in {config.models.path}; "
-            "install the default model with: dicomnode models install-default"
+            f"model {missing[0]!r} is not installed in {config.models.path}; {install_hint(missing[0])}"
         )
-    with DecodePool(workers=1) as pool:
-        decode_inputs(images, registry, pool, config.worker.decode_timeout_seconds)
-        predict(images, registry)
-    results = []
-    for name, image in zip(args.files, images, strict=True):
+    if any(i.decision.model for i in images):
+        with DecodePool(workers=1) as pool:
+            decode_inputs(images, registry, pool, config.worker.decode_timeout_seconds)
+            predict(images, registry)
+    by_name = dict(zip(readable, images, strict=True))
+    results: list[dict[str, Any]] = []
+    for name in args.files:
+        if name in errors:
+            results.append(
+                {"file": name, "model": None, "findings": [], "reason": None, "error": errors[name]}
+            )
+            continue
+        image = by_name[name]
         reason = None if image.decision.model else image.decision.reason
         if image.decision.model and image.error:
             reason = image.error
@@ -165,18 +215,23 @@ def cmd_infer(config: Config, args: argparse.Namespace) -> int:
                     for f in image.findings
                 ],
                 "reason": reason,
+                "error": None,
             }
         )
     if args.json:
         print_json(results)
     else:
         for item in results:
+            if item["error"]:
+                print(f"error: {item['error']}", file=sys.stderr)
+                continue
             found = ", ".join(
-                f"{f['label']} {100 * f['probability']:.1f} % ({'present' if f['present'] else 'absent'})"
+                f"{f['label']} {format_percent(f['probability'])} ({'present' if f['present'] else 'absent'})"
                 for f in item["findings"]
             )
             print(f"{item['file']}: {item['model'] or 'no model'}: {found or item['reason']}")
-    return 1 if any(r["model"] and not r["findings"] for r in results) else 0
+    failed = any(r["error"] or (r["model"] and not r["findings"]) for r in results)
+    return EXIT_FAILURE if failed else EXIT_OK
 
 
 def cmd_explain(config: Config, args: argparse.Namespace) -> int:
@@ -184,6 +239,7 @@ def cmd_explain(config: Config, args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
 
+    from dicomnode.findings import format_percent
     from dicomnode.imaging.frames import read_header
     from dicomnode.imaging.overlay import blend_heatmap
     from dicomnode.sandbox import DecodePool
@@ -217,7 +273,7 @@ def cmd_explain(config: Config, args: argparse.Namespace) -> int:
     Image.fromarray(blended).save(args.out)
     finding = image.findings[label_index]
     print(
-        f"{args.file}: {finding.display_name} {100 * finding.probability:.1f} % "
+        f"{args.file}: {finding.display_name} {format_percent(finding.probability)} "
         f"({'present' if finding.present else 'absent'} at threshold {finding.threshold:.2f}); "
         f"heat map -> {args.out}"
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 from dicomnode.cli._output import EXIT_FAILURE, EXIT_OK, print_json
 from dicomnode.config import Config
+from dicomnode.errors import DicomNodeError
 from dicomnode.net.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 logger = logging.getLogger("dicomnode")
@@ -21,12 +23,78 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     roles = parse_roles(args.roles)
     if "worker" in roles:
         _warn_missing_models(config)
-    return serve(
-        config,
-        port_file=Path(args.port_file) if args.port_file else None,
-        log_level=args.log_level,
-        roles=roles,
+    if "listener" in roles:
+        _warn_open_to_everyone(config)
+    try:
+        return serve(
+            config,
+            port_file=Path(args.port_file) if args.port_file else None,
+            log_level=args.log_level,
+            roles=roles,
+        )
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            print(
+                f"error: port {config.node.port} is in use (node.port in {_config_name(config)}); "
+                "stop the other program or choose another port",
+                file=sys.stderr,
+            )
+            return EXIT_FAILURE
+        if exc.errno == errno.EACCES and 0 < config.node.port < 1024:
+            print(
+                f"error: port {config.node.port} needs root (node.port in {_config_name(config)}); "
+                "choose a port above 1023 (11112 is DICOM's registered one)",
+                file=sys.stderr,
+            )
+            return EXIT_FAILURE
+        raise
+
+
+def _config_name(config: Config) -> str:
+    return str(config.source) if config.source is not None else "the embedded defaults"
+
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+def _warn_open_to_everyone(config: Config) -> None:
+    """One WARNING when any host may store to the node under any calling AE title (the defaults)."""
+    host = config.node.host
+    if config.node.allowed_calling_ae_titles or host in LOOPBACK_HOSTS or host.startswith("127."):
+        return
+    logger.warning(
+        "node.allowed_calling_ae_titles is empty and node.host is %s: any program that reaches port %d "
+        "may store images and receive nothing back but results; list the modalities' and the PACS's "
+        "AE titles in node.allowed_calling_ae_titles (in %s), or bind node.host to 127.0.0.1",
+        host,
+        config.node.port,
+        _config_name(config),
     )
+
+
+def _require_database(config: Config) -> None:
+    """Fail with what to do when the database was never created (``status`` before the first ``serve``)."""
+    from sqlalchemy import inspect
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from dicomnode.node.services import database_engine
+
+    url = make_url(config.storage.database_url)
+    shown = url.render_as_string(hide_password=True)
+    hint = "start the node once with `dicomnode serve` or run `dicomnode db upgrade`"
+    is_file = url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:"
+    if is_file and not Path(str(url.database)).exists():
+        raise DicomNodeError(f"no database yet at {url.database}; {hint}")
+    engine = database_engine(config)
+    try:
+        migrated = inspect(engine).has_table("alembic_version")
+    except SQLAlchemyError as exc:
+        raise DicomNodeError(f"cannot open the database at {shown}: {type(exc).__name__}") from exc
+    finally:
+        engine.dispose()
+    if not migrated:
+        raise DicomNodeError(f"no database yet at {shown} (it has no tables); {hint}")
 
 
 def cmd_worker(config: Config, args: argparse.Namespace) -> int:
@@ -64,6 +132,7 @@ def cmd_studies(config: Config, args: argparse.Namespace) -> int:
     from dicomnode.node.inventory import list_studies
     from dicomnode.node.services import open_services
 
+    _require_database(config)
     services = open_services(config, upgrade=False)
     try:
         studies = list_studies(services.sessions, config.storage.path)
@@ -88,6 +157,7 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     from dicomnode.node.inventory import node_status
     from dicomnode.node.services import open_services
 
+    _require_database(config)
     services = open_services(config, upgrade=False)
     try:
         status = node_status(services.sessions, config)
@@ -179,6 +249,7 @@ def cmd_retry(config: Config, args: argparse.Namespace) -> int:
     from dicomnode.node.inventory import retry
     from dicomnode.node.services import open_services
 
+    _require_database(config)
     services = open_services(config, upgrade=False)
     try:
         jobs, deliveries = retry(services, args.target)

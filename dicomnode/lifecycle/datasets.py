@@ -23,6 +23,8 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from dicomnode.errors import DicomNodeError
+
 logger = logging.getLogger(__name__)
 
 PATH_COLUMN = "path"
@@ -250,15 +252,31 @@ def _case_from_header(
     )
 
 
-def _label_columns(fieldnames: list[str], rows: list[dict[str, str]]) -> tuple[str, ...]:
+class DatasetCSVError(DicomNodeError, ValueError):
+    """The labels CSV is missing or malformed; the message names the file (and row and column)."""
+
+
+def _label_columns(csv_path: Path, fieldnames: list[str], rows: list[dict[str, str]]) -> tuple[str, ...]:
+    """The 0/1 columns. A column that is mostly 0/1 with a few other cells is a label column with a
+    typo ("O" for "0"): naming the cell beats silently dropping the whole label."""
     labels = []
     for name in fieldnames:
         if name in _RESERVED_COLUMNS:
             continue
-        if all((row.get(name) or "").strip() in _LABEL_VALUES for row in rows):
+        values = [(row.get(name) or "").strip() for row in rows]
+        bad = [(line, v) for line, v in enumerate(values, start=2) if v not in _LABEL_VALUES]
+        if not bad:
             labels.append(name)
-        else:
-            logger.info("column %r is not 0/1 and is ignored", name)
+            continue
+        valid = sum(1 for v in values if v in ("0", "1"))
+        if valid and len(bad) <= valid:
+            line, value = bad[0]
+            more = f" (and {len(bad) - 1} more cells)" if len(bad) > 1 else ""
+            raise DatasetCSVError(
+                f"{csv_path.name} row {line}, column {name!r}: {value!r} is not 0, 1 or empty{more}; "
+                "a label column holds only 0, 1 or empty cells: fix the cell"
+            )
+        logger.info("column %r is not 0/1 and is ignored", name)
     return tuple(labels)
 
 
@@ -280,19 +298,33 @@ def _scan_uids(root: Path, unreadable: list[UnreadableFile]) -> dict[str, list[P
 def load_labelled_dataset(csv_path: str | Path) -> LabelledDataset:
     """Read the CSV and every image's header; files that cannot be used go to ``unreadable``."""
     csv_path = Path(csv_path)
-    with csv_path.open(newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        fieldnames = [name.strip() for name in (reader.fieldnames or [])]
-        rows = [{(k or "").strip(): (v or "") for k, v in row.items()} for row in reader]
+    if not csv_path.is_file():
+        raise DatasetCSVError(
+            f"{csv_path}: no such file; give the labels CSV (a {PATH_COLUMN!r} or {UID_COLUMN!r} column "
+            "and one 0/1 column per label; `dicomnode dataset demo DIR` writes an example)"
+        )
+    try:
+        with csv_path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            fieldnames = [name.strip() for name in (reader.fieldnames or [])]
+            rows = [{(k or "").strip(): (v or "") for k, v in row.items()} for row in reader]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DatasetCSVError(f"{csv_path}: not a readable UTF-8 CSV file ({exc})") from exc
     if PATH_COLUMN in fieldnames:
         key = PATH_COLUMN
     elif UID_COLUMN in fieldnames:
         key = UID_COLUMN
     else:
-        raise ValueError(f"{csv_path}: the CSV needs a {PATH_COLUMN!r} or {UID_COLUMN!r} column")
-    labels = _label_columns(fieldnames, rows)
+        raise DatasetCSVError(
+            f"{csv_path}: the CSV needs a {PATH_COLUMN!r} or {UID_COLUMN!r} column "
+            f"(its columns are {fieldnames}); add one naming each DICOM file"
+        )
+    labels = _label_columns(csv_path, fieldnames, rows)
     if not labels:
-        raise ValueError(f"{csv_path}: no label column (a column whose values are all 0, 1 or empty)")
+        raise DatasetCSVError(
+            f"{csv_path}: no label column (a column whose values are all 0, 1 or empty); "
+            f"its columns are {fieldnames}"
+        )
 
     root = csv_path.parent
     unreadable: list[UnreadableFile] = []

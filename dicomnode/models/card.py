@@ -126,6 +126,7 @@ class ModelCard:
             display_name=self.display_name,
             manufacturer=self.manufacturer,
             device_observer_uid=self.device_observer_uid,
+            not_for_clinical_use=self.not_for_clinical_use,
         )
 
     @classmethod

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dicomnode.errors import ModelUnavailableError
+from dicomnode.errors import ConfigurationError, ModelUnavailableError
 from dicomnode.models import ModelPackage
 from dicomnode.models.card import ModelCard
 
@@ -143,6 +143,7 @@ class ModelRunner:
         self.package = package
         self.card = package.card
         self.device = torch.device(device) if device is not None else default_device()
+        _check_device(self.device)
         self.max_batch_size = max_batch_size
         self.autocast_dtype: torch.dtype | None = None
         if autocast and self.device.type == "cuda":
@@ -338,6 +339,22 @@ class _LogitsAndFeatures(nn.Module):
 
     def _keep(self, _module: nn.Module, _inputs: object, output: torch.Tensor) -> None:
         self._captured.append(output)
+
+
+def _check_device(device: torch.device) -> None:
+    """Refuse a CUDA device this machine lacks before the weights are read: torch's error about
+    deserialising onto CUDA blamed the weights file, not the setting."""
+    if device.type != "cuda":
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = device.index or 0
+    if index >= count:
+        found = f"{count} CUDA GPU{'s' if count != 1 else ''}" if count else "no CUDA GPU"
+        raise ConfigurationError(
+            "worker.device",
+            f"{str(device)!r} but torch finds {found} on this machine; "
+            'set worker.device = "cpu" or "auto" (auto uses a GPU when there is one)',
+        )
 
 
 def default_device() -> torch.device:

@@ -1,4 +1,4 @@
-"""Findings -> a Secondary Capture key image: the radiograph, the heat map blended in, the result burned in.
+"""Findings -> a Secondary Capture key image: the radiograph, the heat map blended in, the result in a band.
 
 Many viewers do not render TID 1500 SRs without image coordinates, so this RGB image travels alongside
 the SR (never instead of it). Burned In Annotation is YES: the text is part of the pixels.
@@ -17,8 +17,8 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
 from dicomnode.errors import InvalidDatasetError
-from dicomnode.findings import ImageFindings, LabelFinding, StudyFindings
-from dicomnode.imaging.overlay import blend_heatmap, burn_in_text
+from dicomnode.findings import ImageFindings, LabelFinding, ModelIdentity, StudyFindings, format_percent
+from dicomnode.imaging.overlay import add_result_band, blend_heatmap
 from dicomnode.report.context import (
     BUILD_CHARACTER_SET,
     apply_source_context,
@@ -42,9 +42,21 @@ def key_image_uids(findings: StudyFindings, image: ImageFindings) -> tuple[str, 
     )
 
 
+def caution_text(model: ModelIdentity) -> str:
+    """The first burned-in line: what this is, and that nobody verified it (and the card's clinical flag)."""
+    if model.not_for_clinical_use:
+        return "AI result — not verified — not for clinical use"
+    return "AI result — not verified"
+
+
 def result_text(finding: LabelFinding) -> str:
-    """The burned-in line for one label, e.g. ``"AI: Pneumonia 87 % — not verified"``."""
-    return f"AI: {finding.display_name} {round(finding.probability * 100)} % — not verified"
+    """The burned-in line for one label, e.g. ``"Pneumonia 87.3 % (present at threshold 0.50)"``.
+
+    The percent is :func:`dicomnode.findings.format_percent`'s, the number the SR holds.
+    """
+    decision = "present" if finding.present else "absent"
+    shown = format_percent(finding.probability)
+    return f"{finding.display_name} {shown} ({decision} at threshold {finding.threshold:.2f})"
 
 
 def build_key_image(
@@ -64,8 +76,9 @@ def build_key_image(
 
     ``display_image`` is the source as displayed (uint8, grey ``(rows, columns)`` or RGB
     ``(rows, columns, 3)``); ``heatmap`` is a float map in 0..1 of any size (or a ``.npy`` path),
-    blended for the highest-probability label. The image is downscaled so its longest side is at most
-    ``max_size``; one line per label is burned in.
+    blended where it reaches half its maximum. The radiograph is downscaled so its longest side is at
+    most ``max_size``; a band added below it (so Rows exceed the radiograph's) holds the caution line,
+    one line per label and, with a heat map, its legend.
     """
     if str(source_dataset.SOPInstanceUID) != image_findings.sop_instance_uid:
         raise InvalidDatasetError(
@@ -77,8 +90,10 @@ def build_key_image(
     if heatmap is not None:
         heat = np.load(heatmap) if isinstance(heatmap, str | Path) else np.asarray(heatmap)
         rgb = blend_heatmap(rgb, heat, grey if grey.ndim == 2 else None)
-    lines = [result_text(f) for f in sorted(image_findings.findings, key=lambda f: -f.probability)]
-    rgb = burn_in_text(rgb, lines)
+    lines = [caution_text(study_findings.model)]
+    lines += [result_text(f) for f in sorted(image_findings.findings, key=lambda f: -f.probability)]
+    # below the radiograph, never over it: the film's own markers stay visible
+    rgb = add_result_band(rgb, lines, legend=heatmap is not None)
 
     series_uid, sop_uid = key_image_uids(study_findings, image_findings)
     character_set = source_dataset.get("SpecificCharacterSet") or "ISO_IR 6"

@@ -21,7 +21,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import Comprehensive3DSRStorage
 
 from dicomnode.errors import InvalidDatasetError
-from dicomnode.findings import ImageFindings, LabelFinding, StudyFindings
+from dicomnode.findings import ImageFindings, LabelFinding, StudyFindings, display_percent
 from dicomnode.report.context import (
     BUILD_CHARACTER_SET,
     apply_source_context,
@@ -183,7 +183,7 @@ def _measurement_group(
     )
     certainty = hd.sr.Measurement(
         name=CERTAINTY_OF_FINDING,
-        value=round(finding.probability * 100.0, 1),
+        value=display_percent(finding.probability),
         unit=PERCENT,
     )
     decision = hd.sr.QualitativeEvaluation(name=concept, value=PRESENT if finding.present else ABSENT)
