@@ -291,9 +291,10 @@ def test_expired_lease_requeues_then_fails_when_out_of_attempts(services: Servic
     job = job_row(services, job_id)
     assert (job.state, job.lease_owner, job.attempts) == (JobState.QUEUED, None, 1)
     assert "dead-1" in (job.error or "")
-    # the dead worker's late calls change nothing
+    # the dead worker's late calls change nothing: its completion is refused (and rolls back)
     assert queue.heartbeat(first, 30) is False
-    queue.complete(first, "reported")
+    with pytest.raises(LeaseLostError):
+        queue.complete(first, "reported")
     assert job_row(services, job_id).state == JobState.QUEUED
     second_at = at + timedelta(seconds=40)
     second = queue.claim("dead-2", 30, now=second_at)

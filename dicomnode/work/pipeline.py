@@ -253,6 +253,8 @@ class Worker:
             waiting = sum(not f.done() for f in work.decoding)
             bound = worker.job_timeout_seconds + worker.decode_timeout_seconds * waiting
             self._late.append((work, self.watchdog.split(token, [work.job], bound)))
+            if not waiting:  # its last decode ended just after the stall check: it follows at once
+                continue
             logger.warning(
                 "job %d study %s: %d images still decoding after %.0f s without progress; "
                 "the rest of its batch goes on",
