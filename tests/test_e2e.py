@@ -314,6 +314,10 @@ def test_results_wait_for_the_pacs_and_arrive_when_it_is_back(
             wait_for(pending_and_tried, "failed delivery attempts while Orthanc is down", 90.0, 0.5)
             status = node.cli_json("status", "--json")
             assert status["deliveries"]["pending"] >= 1
+            pacs = status["deliveries_by_destination"]["pacs"]  # why, per destination
+            assert pacs["counts"]["pending"] >= 1 and pacs["last_error"]
+            text = node.cli("status")
+            assert text.returncode == 0 and "  pacs: " in text.stdout and "last error:" in text.stdout
         finally:
             orthanc.start()
         wait_for_results(orthanc, [source.study_instance_uid], 60.0)

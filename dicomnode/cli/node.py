@@ -173,6 +173,10 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     if status["running_on"]:
         print("running on: " + ", ".join(f"{owner} {n}" for owner, n in status["running_on"].items()))
     print("deliveries: " + ", ".join(f"{k} {v}" for k, v in status["deliveries"].items()))
+    for name, entry in status["deliveries_by_destination"].items():
+        counts = ", ".join(f"{k} {v}" for k, v in entry["counts"].items())
+        reason = f"; last error: {entry['last_error']}" if entry["last_error"] else ""
+        print(f"  {name}: {counts}{reason}")
     disk = status["disk"]
     print(
         f"disk: {disk['used_bytes'] / 1e6:.1f} MB stored, {disk['free_bytes'] / 1e9:.1f} GB free "

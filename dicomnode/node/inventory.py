@@ -125,6 +125,27 @@ def node_status(sessions: sessionmaker[Session], config: Config) -> dict[str, An
             select(Outbox.state, func.count(Outbox.id)).group_by(Outbox.state)
         ):
             deliveries[delivery_state.value] = count
+        by_destination: dict[str, dict[str, Any]] = {
+            d.name: {"counts": {state.value: 0 for state in DeliveryState}, "last_error": None}
+            for d in config.destinations
+        }
+        for name, delivery_state, count in session.execute(
+            select(Outbox.destination, Outbox.state, func.count(Outbox.id)).group_by(
+                Outbox.destination, Outbox.state
+            )
+        ):
+            entry = by_destination.setdefault(
+                name, {"counts": {state.value: 0 for state in DeliveryState}, "last_error": None}
+            )
+            entry["counts"][delivery_state.value] = count
+        for name, error in session.execute(  # why each destination last failed (pending or dead rows)
+            select(Outbox.destination, Outbox.last_error)
+            .where(Outbox.state != DeliveryState.DELIVERED, Outbox.last_error.is_not(None))
+            .order_by(Outbox.id)
+        ):
+            by_destination.setdefault(
+                name, {"counts": {state.value: 0 for state in DeliveryState}, "last_error": None}
+            )["last_error"] = error
         running_on = dict(
             session.execute(
                 select(Job.lease_owner, func.count(Job.id))
@@ -147,6 +168,7 @@ def node_status(sessions: sessionmaker[Session], config: Config) -> dict[str, An
         "jobs": jobs,
         "running_on": {str(owner): int(count) for owner, count in sorted(running_on.items(), key=str)},
         "deliveries": deliveries,
+        "deliveries_by_destination": by_destination,
         "dead_letters": [
             {"destination": d, "study_instance_uid": s, "sop_instance_uid": u, "reason": r}
             for d, s, u, r in dead
