@@ -56,6 +56,19 @@ def cmd_sender(config: Config, args: argparse.Namespace) -> int:
     return run_sender(config, burst=args.burst)
 
 
+def cmd_http(config: Config, args: argparse.Namespace) -> int:
+    from dicomnode.node.process import die_with_parent
+
+    die_with_parent()
+    from dicomnode.http.server import run_http
+
+    return run_http(
+        config,
+        port_file=Path(args.port_file) if args.port_file else None,
+        check_listener=not args.no_listener_check,
+    )
+
+
 def cmd_studies(config: Config, args: argparse.Namespace) -> int:
     from dicomnode.node.inventory import list_studies
     from dicomnode.node.services import open_services
@@ -203,8 +216,8 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--port-file", help="write the bound port here (useful with node.port = 0)")
     p.add_argument(
         "--roles",
-        default="listener,worker,sender",
-        help="what this process runs, comma-separated (default all): listener, worker, sender",
+        default="listener,worker,sender,http",
+        help="what this process runs, comma-separated (default all): listener, worker, sender, http",
     )
     p.set_defaults(func=cmd_serve)
 
@@ -223,6 +236,15 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("sender", parents=[common], help="run the result sender (serve starts it itself)")
     p.add_argument("--burst", action="store_true", help="deliver what is due once and exit")
     p.set_defaults(func=cmd_sender)
+
+    p = sub.add_parser(
+        "http", parents=[common], help="serve the dashboard, REST API and /metrics (serve starts it itself)"
+    )
+    p.add_argument("--port-file", help="write the bound port here (useful with http.port = 0)")
+    p.add_argument(
+        "--no-listener-check", action="store_true", help="/healthz ignores the listener (none runs here)"
+    )
+    p.set_defaults(func=cmd_http)
 
     p = sub.add_parser("studies", parents=[common], help="list the studies held, newest first")
     p.add_argument("--json", action="store_true")

@@ -397,6 +397,9 @@ class _Connection:
             why = "refused by the node"
         if rejection is not None:
             logger.warning("association from %s (%s) rejected: %s", calling, self.peer[0], why)
+            notify = getattr(self.server.service_user, "association_rejected", None)
+            if notify is not None:  # metrics and the audit trail (a security alert for refused AEs)
+                notify(association, why)
             self._send_reject(request, rejection)
             self._await_close()
             return False

@@ -112,7 +112,7 @@ def listen(config: Config, port: int) -> int:
     return 0
 
 
-ROLES = ("listener", "worker", "sender")  # what one serve process can run; all of them by default
+ROLES = ("listener", "worker", "sender", "http")  # what one serve process can run; all by default
 
 
 def parse_roles(text: str) -> frozenset[str]:
@@ -141,6 +141,9 @@ def serve(
     run ``worker`` against the same database, with the spool mounted at the same ``storage.path``.
     Only a process with the listener role cleans the spool at start and writes ``serve.json``.
     """
+    from dicomnode.metrics import enable_multiprocess, metrics_dir
+
+    enable_multiprocess(metrics_dir(config.storage.path), clean=True)  # before any process counts
     services = open_services(config, upgrade=True)
     base_name = config.node.instance_name or socket.gethostname()
     server = store = None
@@ -163,6 +166,9 @@ def serve(
         ]
     if "sender" in roles and config.destinations:
         children.append(Child("sender", child_argv(config, "sender", log_level), f"{base_name}/sender"))
+    if "http" in roles and config.http.enabled:  # the dashboard: its own process, never in reception's way
+        http_argv = child_argv(config, "http", log_level) + ([] if server else ["--no-listener-check"])
+        children.append(Child("http", http_argv, f"{base_name}/http"))
     if server is not None:
         for index in range(1, config.node.listener_processes):  # more listeners on the same port
             children.append(

@@ -32,6 +32,7 @@ from pydicom.uid import (
 from pynetdicom import AllStoragePresentationContexts, StoragePresentationContexts
 from pynetdicom.presentation import PresentationContext
 
+from dicomnode import metrics
 from dicomnode.config import NodeConfig
 from dicomnode.errors import DicomNodeError, InvalidDatasetError, StorageFullError
 from dicomnode.fsio import buffers_size
@@ -115,6 +116,11 @@ class StorageSCP:
             stats.bytes / 1e6,
             time.monotonic() - stats.started,
         )
+        metrics.association_ended(association.calling_ae_title, how)
+
+    def association_rejected(self, association: Association, why: str) -> None:
+        """Called by the acceptor after an A-ASSOCIATE-RJ (its log line says why)."""
+        metrics.association_ended(association.calling_ae_title, "rejected")
 
     def c_echo(self, association: Association, command: Command) -> Response:
         return Response(Status.SUCCESS)
@@ -138,7 +144,9 @@ class StorageSCP:
                 f" ({refused.detail})" if refused.detail else "",
             )
             stats.failed += 1
+            metrics.instance_received(association.calling_ae_title, refused.status.name)
             return Response(refused.status, refused.message)
+        metrics.instance_received(association.calling_ae_title, Status.SUCCESS.name)
         if not recorded:
             logger.debug("C-STORE %s already stored; acknowledged again", record.sop_instance_uid)
             stats.duplicates += 1
