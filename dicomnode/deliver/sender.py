@@ -29,6 +29,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicomnode import metrics
 from dicomnode.config import Config, DeliveryConfig, DestinationConfig
 from dicomnode.db import DeliveryState, utcnow
 from dicomnode.deliver.scu import Prepared, UnsendableError, prepare, store_all
@@ -177,6 +178,7 @@ class Sender:
             ),
         )
         _log(row, decision, attempts)
+        metrics.delivery_attempt(row.destination, outcome.status, decision.verdict.value)
         return decision.verdict
 
 

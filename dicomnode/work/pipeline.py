@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select
 
+from dicomnode import metrics
 from dicomnode.config import Config
 from dicomnode.db import Job, Outbox, Result
 from dicomnode.errors import ConfigurationError, ModelUnavailableError
@@ -378,6 +379,8 @@ class Worker:
             started = time.perf_counter()
             predict(images, self.registry, keep_features=True)
             model_seconds = time.perf_counter() - started
+            for name in sorted({i.decision.model for i in images if i.decision.model is not None}):
+                metrics.model_inference(name, self.registry.package(name).card.version, model_seconds)
             compute_heatmaps(images, self.registry)
             for image in images:
                 image.features = None  # the heat maps are made; free the activations
@@ -463,6 +466,8 @@ class Worker:
         except Exception as exc:
             self._fail_building(work, exc)
             return
+        for findings, _objects in result.outputs:
+            metrics.job_finished(findings.model.name, findings.model.version, sum(work.timings.values()))
         self._log_job(work, result.outputs)
 
     # --- results -----------------------------------------------------------------------------------
