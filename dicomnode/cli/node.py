@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,40 @@ def cmd_http(config: Config, args: argparse.Namespace) -> int:
         port_file=Path(args.port_file) if args.port_file else None,
         check_listener=not args.no_listener_check,
     )
+
+
+def cmd_audit(config: Config, args: argparse.Namespace) -> int:
+    from dicomnode.audit import audit_path, read_messages
+    from dicomnode.audit.messages import summary
+
+    try:
+        since = _since(args.since) if args.since else None
+    except ValueError:
+        print(
+            f"--since {args.since!r}: give an ISO date/time or a duration like 30m, 12h, 7d", file=sys.stderr
+        )
+        return EXIT_FAILURE
+    entries = [summary(message) for message in read_messages(audit_path(config), since)]
+    if args.json:
+        print_json(entries)
+        return EXIT_OK
+    for entry in entries:
+        who = " -> ".join(f"{p['ae_title']}@{p['address']}" for p in entry["participants"])  # type: ignore[attr-defined]
+        what = entry["type"] or entry["event"]
+        studies = ",".join(entry["studies"])  # type: ignore[arg-type]
+        print(f"{entry['time']}  {what:<28} {entry['action']} outcome {entry['outcome']}  {who}  {studies}")
+        if entry["description"]:
+            print(f"    {entry['description']}")
+    return EXIT_OK
+
+
+def _since(text: str) -> datetime:
+    """``2026-12-01``, ``2026-12-01T10:00Z`` or a duration back from now (``30m``, ``12h``, ``7d``)."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[-1:] in units and text[:-1].isdigit():
+        return datetime.now(UTC) - timedelta(seconds=int(text[:-1]) * units[text[-1]])
+    when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def cmd_studies(config: Config, args: argparse.Namespace) -> int:
@@ -245,6 +280,11 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         "--no-listener-check", action="store_true", help="/healthz ignores the listener (none runs here)"
     )
     p.set_defaults(func=cmd_http)
+
+    p = sub.add_parser("audit", parents=[common], help="print the PS3.15 audit trail (UIDs only)")
+    p.add_argument("--since", help="from this ISO date/time, or a duration back from now: 30m, 12h, 7d")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("studies", parents=[common], help="list the studies held, newest first")
     p.add_argument("--json", action="store_true")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+from dicomnode import audit
 from dicomnode.config import Config
 from dicomnode.errors import ConfigurationError
 from dicomnode.fsio import durable_write
@@ -195,6 +196,8 @@ def serve(
         where,
         os.getpid(),
     )
+    audit.configure(config)
+    audit.application_started()
     if ready is not None:
         ready.set()
     try:
@@ -217,5 +220,7 @@ def serve(
         for signum, handler in previous.items():
             with contextlib.suppress(ValueError):
                 signal.signal(signum, handler)
+        audit.application_stopped()
+        audit.shutdown()
         logger.info("dicomnode stopped")
     return 0

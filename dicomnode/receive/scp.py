@@ -32,7 +32,7 @@ from pydicom.uid import (
 from pynetdicom import AllStoragePresentationContexts, StoragePresentationContexts
 from pynetdicom.presentation import PresentationContext
 
-from dicomnode import metrics
+from dicomnode import audit, metrics
 from dicomnode.config import NodeConfig
 from dicomnode.errors import DicomNodeError, InvalidDatasetError, StorageFullError
 from dicomnode.fsio import buffers_size
@@ -117,10 +117,12 @@ class StorageSCP:
             time.monotonic() - stats.started,
         )
         metrics.association_ended(association.calling_ae_title, how)
+        audit.association_ended(association, how)
 
     def association_rejected(self, association: Association, why: str) -> None:
         """Called by the acceptor after an A-ASSOCIATE-RJ (its log line says why)."""
         metrics.association_ended(association.calling_ae_title, "rejected")
+        audit.association_rejected(association, why)
 
     def c_echo(self, association: Association, command: Command) -> Response:
         return Response(Status.SUCCESS)
@@ -153,6 +155,7 @@ class StorageSCP:
             return Response(Status.SUCCESS)
         stats.stored += 1
         stats.bytes += size
+        audit.instance_stored(association, record)
         return Response(Status.SUCCESS)
 
     def _store(self, record: InstanceRecord, meta: bytes, data: list[memoryview]) -> bool:
