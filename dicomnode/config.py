@@ -80,7 +80,7 @@ DEFAULTS: dict[str, Any] = {
         "syslog_port": 6514,
         "syslog_ca_certificates": "",
     },
-    "retention": {"delete_after_days": 0, "high_watermark_percent": 90, "interval_seconds": 3600},
+    "retention": {"delete_after_days": 0, "high_watermark_percent": 100, "interval_seconds": 3600},
 }
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no control chars
@@ -237,7 +237,7 @@ class RetentionConfig:
     """``[retention]``: when delivered studies are deleted from the spool."""
 
     delete_after_days: float = 0.0  # 0 = keep forever
-    high_watermark_percent: float = 90.0  # above this disk use, delivered studies go oldest first
+    high_watermark_percent: float = 100.0  # above this disk use, delivered studies go oldest first
     interval_seconds: float = 3600.0
 
 

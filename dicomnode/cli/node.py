@@ -104,6 +104,34 @@ def _since(text: str) -> datetime:
     return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
+def cmd_purge(config: Config, args: argparse.Namespace) -> int:
+    from dicomnode import audit
+    from dicomnode.node.retention import candidates, purge
+    from dicomnode.node.services import open_services
+
+    services = open_services(config, upgrade=False)
+    try:
+        chosen = candidates(services)
+        for candidate in chosen:
+            print(
+                f"{'would delete' if args.dry_run else 'deleting'} {candidate.study_instance_uid}  "
+                f"{candidate.instances} instances, {candidate.size_bytes / 1e6:.1f} MB, last received "
+                f"{candidate.last_received_at.isoformat(timespec='seconds')}: {candidate.reason}"
+            )
+        if args.dry_run:
+            print(f"{len(chosen)} studies would be deleted (dry run: nothing deleted)")
+            return EXIT_OK
+        audit.configure(config)
+        try:
+            deleted = purge(services, chosen)
+        finally:
+            audit.shutdown()
+    finally:
+        services.close()
+    print(f"deleted {deleted} studies")
+    return EXIT_OK
+
+
 def cmd_studies(config: Config, args: argparse.Namespace) -> int:
     from dicomnode.node.inventory import list_studies
     from dicomnode.node.services import open_services
@@ -285,6 +313,12 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--since", help="from this ISO date/time, or a duration back from now: 30m, 12h, 7d")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser(
+        "purge", parents=[common], help="apply [retention] now: delete delivered studies past the limits"
+    )
+    p.add_argument("--dry-run", action="store_true", help="only show what would be deleted")
+    p.set_defaults(func=cmd_purge)
 
     p = sub.add_parser("studies", parents=[common], help="list the studies held, newest first")
     p.add_argument("--json", action="store_true")

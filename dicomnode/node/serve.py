@@ -181,6 +181,10 @@ def serve(
             )
 
     stop = threading.Event()
+    if server is not None:  # retention runs where the spool is
+        from dicomnode.node.retention import start_retention
+
+        start_retention(config, services, stop)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         logger.info("received %s: stopping", signal.Signals(signum).name)
