@@ -15,6 +15,7 @@ import binascii
 import hmac
 import logging
 import socket
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -54,6 +55,27 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 LISTENER_CHECK_SECONDS = 5.0  # a load balancer polling /healthz opens at most one connection per 5 s
+# /api/status and /metrics are computed at most once a second, however often they are polled: a
+# client polling at 10 Hz then costs the node's CPUs (shared with reception) almost nothing.
+RESPONSE_CACHE_SECONDS = 1.0
+
+
+class Cached:
+    """The last answer of ``compute`` for ``ttl`` seconds (one computation at a time)."""
+
+    def __init__(self, compute: Callable[[], Any], ttl: float) -> None:
+        self.compute = compute
+        self.ttl = ttl
+        self._lock = threading.Lock()
+        self._value: Any = None
+        self._at = float("-inf")
+
+    def get(self) -> Any:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._at >= self.ttl:
+                self._value, self._at = self.compute(), now
+            return self._value
 
 
 def read_token(path: Path | None) -> str | None:
@@ -172,14 +194,17 @@ def create_app(config: Config, sessions: sessionmaker[Session], *, check_listene
             logger.warning("healthz failing: listener %s, database %s", listener, database)
         return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
+    from dicomnode.node.inventory import node_status
+
+    cached_metrics = Cached(lambda: render_metrics(config, sessions), RESPONSE_CACHE_SECONDS)
+    cached_status = Cached(lambda: JSONResponse(node_status(sessions, config)).body, RESPONSE_CACHE_SECONDS)
+
     def metrics(request: Request) -> Response:
-        payload, content_type = render_metrics(config, sessions)
+        payload, content_type = cached_metrics.get()
         return Response(payload, media_type=content_type)
 
     def api_status(request: Request) -> Response:
-        from dicomnode.node.inventory import node_status
-
-        return JSONResponse(node_status(sessions, config))
+        return Response(cached_status.get(), media_type="application/json")
 
     def api_studies(request: Request) -> Response:
         try:
@@ -220,8 +245,6 @@ def create_app(config: Config, sessions: sessionmaker[Session], *, check_listene
         )
 
     def dashboard(request: Request) -> Response:
-        from dicomnode.node.inventory import node_status
-
         status = node_status(sessions, config)
         listener_ok, listener = node.listener() if node.check_listener else (True, "not run here")
         disk = status["disk"]

@@ -7,6 +7,7 @@ reception. The socket is bound here, before uvicorn starts, so that port 0 can b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ from dicomnode.fsio import durable_write
 logger = logging.getLogger(__name__)
 
 HTTP_STATE_FILE = "http.json"
+HTTP_NICENESS = 10  # below the listener, workers and sender when they compete for a CPU
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -59,6 +61,8 @@ def run_http(config: Config, *, port_file: Path | None = None, check_listener: b
     from dicomnode.metrics import MULTIPROC_ENV, enable_multiprocess, metrics_dir
     from dicomnode.node.services import open_services
 
+    with contextlib.suppress(OSError):  # reception first: pages wait when the CPUs are busy
+        os.nice(HTTP_NICENESS)
     if not os.environ.get(MULTIPROC_ENV) and metrics_dir(config.storage.path).is_dir():
         enable_multiprocess(metrics_dir(config.storage.path), clean=False)  # a node's files, read only
     services = open_services(config, upgrade=False)
