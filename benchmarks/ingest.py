@@ -346,6 +346,12 @@ class Orthanc(Receiver):
         return int(self._get("/statistics")["CountInstances"])
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class DicomNodePolled(DicomNode):
     """dicomnode while a client polls ``/api/status`` and ``/metrics`` 10 times a second each.
 
@@ -360,6 +366,9 @@ class DicomNodePolled(DicomNode):
         super().start()
         state = json.loads((self.workdir / "storage" / "http.json").read_text())
         self.http_port = int(state["port"])
+        self.http_pid = int(state["pid"])
+        self.http_cpu_at_start = _cpu_seconds(self.http_pid)
+        self.polling_since = time.monotonic()
         self.polls = 0
         self.poll_errors = 0
         self.latencies: list[float] = []
@@ -371,7 +380,7 @@ class DicomNodePolled(DicomNode):
         """One keep-alive connection, as Prometheus and browsers use; reconnect after an error."""
         period = 1.0 / self.poll_hz
         next_at = time.monotonic()
-        connection = http.client.HTTPConnection(HOST, self.http_port, timeout=5)
+        connection = self._connect()
         while not self._stop_polling.is_set():
             for path in ("/api/status", "/metrics"):
                 started = time.perf_counter()
@@ -383,15 +392,29 @@ class DicomNodePolled(DicomNode):
                 except (OSError, http.client.HTTPException):
                     self.poll_errors += 1
                     connection.close()
-                    connection = http.client.HTTPConnection(HOST, self.http_port, timeout=5)
+                    connection = self._connect()
             next_at += period
             self._stop_polling.wait(max(0.0, next_at - time.monotonic()))
         connection.close()
+
+    def _connect(self) -> http.client.HTTPConnection:
+        connection = http.client.HTTPConnection(HOST, self.http_port, timeout=5)
+        connection.connect()
+        assert connection.sock is not None
+        connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no delayed-ACK stalls
+        return connection
 
     def stop(self) -> None:
         if hasattr(self, "_stop_polling"):
             self._stop_polling.set()
             self._poller.join(10)
+            used = _cpu_seconds(self.http_pid) - self.http_cpu_at_start
+            window = time.monotonic() - self.polling_since
+            print(
+                f"    HTTP process: {used:.2f} CPU-s in {window:.1f} s of polling "
+                f"({100 * used / window:.1f} % of one core)",
+                flush=True,
+            )
             if self.latencies:
                 ordered = sorted(self.latencies)
                 p95 = ordered[int(0.95 * (len(ordered) - 1))]
