@@ -25,6 +25,9 @@ Compare ratios within one run, never absolute numbers across machines.
                                 [--json OUT] [--repeat N] [--busy-studies N]
                                 [--dicomnode-set node.max_pdu_size=0 ...]
 
+``--receivers dicomnode,dicomnode-polled --workloads CT --associations 1`` measures the HTTP
+process's cost: the same node while a client polls ``/api/status`` and ``/metrics`` at 10 Hz.
+
 ``PYTHONPATH=/some/copy`` runs a modified copy of the dicomnode package (it is started with
 ``python -m dicomnode``).
 """
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import json
 import os
 import shutil
@@ -43,6 +47,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -61,6 +66,7 @@ MODELS_DIR = Path(__file__).resolve().parent.parent / "models"  # the default mo
 TARGET_VS_ORTHANC = 1.2  # dicomnode >= 1.2x Orthanc on every workload (with a busy worker too)
 TARGET_BUSY_VS_IDLE = 0.8  # dicomnode with its worker busy >= 0.8x dicomnode with an idle one
 TARGET_VS_STORESCP_CT_SINGLE = 0.5  # dicomnode >= 0.5x storescp on CT over one association
+TARGET_POLLED_VS_QUIET = 0.95  # /api/status and /metrics polled at 10 Hz cost ingest at most 5 %
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
@@ -253,6 +259,7 @@ class DicomNode(Receiver):
             "studies": {"stable_after_seconds": "3600"},
             "worker": {"poll_interval_seconds": "60"},
             "logging": {"level": '"INFO"'},
+            "http": {"port": "0"},  # the HTTP process runs (as in production) on a free port
         }
         for override in self.overrides:
             key, _, value = override.partition("=")
@@ -392,11 +399,92 @@ class Orthanc(Receiver):
         return int(self._get("/statistics")["CountInstances"])
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class DicomNodePolled(DicomNode):
+    """dicomnode while a client polls ``/api/status`` and ``/metrics`` 10 times a second each.
+
+    The polling starts once the node is idle (before the clock) and stops with it; the HTTP process
+    must not slow ingest (target: within 5 % of ``dicomnode`` on CT x1).
+    """
+
+    name = "dicomnode-polled"
+    poll_hz = 10.0
+
+    def start(self) -> None:
+        super().start()
+        state = json.loads((self.workdir / "storage" / "http.json").read_text())
+        self.http_port = int(state["port"])
+        self.http_pid = int(state["pid"])
+        self.http_cpu_at_start = _cpu_seconds(self.http_pid)
+        self.polling_since = time.monotonic()
+        self.polls = 0
+        self.poll_errors = 0
+        self.latencies: list[float] = []
+        self._stop_polling = threading.Event()
+        self._poller = threading.Thread(target=self._poll, daemon=True)
+        self._poller.start()
+
+    def _poll(self) -> None:
+        """One keep-alive connection, as Prometheus and browsers use; reconnect after an error."""
+        period = 1.0 / self.poll_hz
+        next_at = time.monotonic()
+        connection = self._connect()
+        while not self._stop_polling.is_set():
+            for path in ("/api/status", "/metrics"):
+                started = time.perf_counter()
+                try:
+                    connection.request("GET", path)
+                    connection.getresponse().read()
+                    self.latencies.append(time.perf_counter() - started)
+                    self.polls += 1
+                except (OSError, http.client.HTTPException):
+                    self.poll_errors += 1
+                    connection.close()
+                    connection = self._connect()
+            next_at += period
+            self._stop_polling.wait(max(0.0, next_at - time.monotonic()))
+        connection.close()
+
+    def _connect(self) -> http.client.HTTPConnection:
+        connection = http.client.HTTPConnection(HOST, self.http_port, timeout=5)
+        connection.connect()
+        assert connection.sock is not None
+        connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no delayed-ACK stalls
+        return connection
+
+    def stop(self) -> None:
+        if hasattr(self, "_stop_polling"):
+            self._stop_polling.set()
+            self._poller.join(10)
+            used = _cpu_seconds(self.http_pid) - self.http_cpu_at_start
+            window = time.monotonic() - self.polling_since
+            print(
+                f"    HTTP process: {used:.2f} CPU-s in {window:.1f} s of polling "
+                f"({100 * used / window:.1f} % of one core)",
+                flush=True,
+            )
+            if self.latencies:
+                ordered = sorted(self.latencies)
+                p95 = ordered[int(0.95 * (len(ordered) - 1))]
+                print(
+                    f"    polled {self.polls} times ({self.poll_errors} errors), "
+                    f"p95 {p95 * 1000:.1f} ms per request",
+                    flush=True,
+                )
+        super().stop()
+
+
 RECEIVER_CLASSES: dict[str, type[Receiver]] = {
     "storescp": StoreSCP,
     "storescp-single": StoreSCPSingle,
     "dicomnode": DicomNode,
     "dicomnode-busy": DicomNodeBusy,
+    "dicomnode-polled": DicomNodePolled,
     "orthanc": Orthanc,
 }
 
@@ -513,6 +601,15 @@ def check_targets(rows: list[Measurement]) -> list[dict[str, Any]]:
                             "met": ratio >= floor,
                         }
                     )
+        polled = _ratio(m, rows, "dicomnode") if m.receiver == "dicomnode-polled" else None
+        if polled is not None:
+            targets.append(
+                {
+                    "target": f"polled >= {TARGET_POLLED_VS_QUIET}x quiet, {m.workload} x{m.associations}",
+                    "ratio": polled,
+                    "met": polled >= TARGET_POLLED_VS_QUIET,
+                }
+            )
         if m.receiver != "dicomnode":
             continue
         vs_orthanc = _ratio(m, rows, "orthanc")

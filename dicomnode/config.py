@@ -79,6 +79,15 @@ DEFAULTS: dict[str, Any] = {
     },
     "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 4242}],
     "logging": {"level": "INFO"},
+    "http": {"enabled": True, "host": "127.0.0.1", "port": 8080, "token_file": ""},
+    "audit": {
+        "enabled": True,
+        "path": "",
+        "syslog_host": "",
+        "syslog_port": 6514,
+        "syslog_ca_certificates": "",
+    },
+    "retention": {"delete_after_days": 0, "high_watermark_percent": 100, "interval_seconds": 3600},
 }
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no control chars
@@ -218,6 +227,36 @@ class DestinationTLSConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    """``[http]``: the dashboard, REST API and metrics server (its own process under ``serve``)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 8080  # 0: any free port, written to http.json
+    token_file: Path | None = None  # bearer token for every path but /healthz; required off loopback
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """``[audit]``: PS3.15 A.5 audit messages to an append-only file, optionally to syslog over TLS."""
+
+    enabled: bool = True
+    path: Path | None = None  # None: <storage.path>/audit/audit.xml.log
+    syslog_host: str = ""  # "" = no syslog collector
+    syslog_port: int = 6514
+    syslog_ca_certificates: Path | None = None
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    """``[retention]``: when delivered studies are deleted from the spool."""
+
+    delete_after_days: float = 0.0  # 0 = keep forever
+    high_watermark_percent: float = 100.0  # above this disk use, delivered studies go oldest first
+    interval_seconds: float = 3600.0
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole validated configuration."""
 
@@ -231,6 +270,9 @@ class Config:
     delivery: DeliveryConfig
     destinations: tuple[DestinationConfig, ...]
     log_level: str = "INFO"
+    http: HttpConfig = HttpConfig()
+    audit: AuditConfig = AuditConfig()
+    retention: RetentionConfig = RetentionConfig()
 
 
 def default_config_path() -> Path:
@@ -270,6 +312,9 @@ def config_from_mapping(data: Mapping[str, Any], *, base_dir: Path, source: Path
     worker = _section(data, "worker")
     delivery = _section(data, "delivery")
     logging_ = _section(data, "logging")
+    http = _section(data, "http")
+    audit = _section(data, "audit")
+    retention = _section(data, "retention")
 
     storage_path = _path(storage, "storage.path", base_dir)
     database_url = _str(storage, "storage.database_url")
@@ -343,6 +388,19 @@ def config_from_mapping(data: Mapping[str, Any], *, base_dir: Path, source: Path
         ),
         destinations=_destinations(data.get("destinations", DEFAULTS["destinations"]), base_dir),
         log_level=_choice(logging_, "logging.level", ("DEBUG", "INFO", "WARNING", "ERROR")),
+        http=_http(http, base_dir),
+        audit=AuditConfig(
+            enabled=_bool(audit, "audit.enabled"),
+            path=_optional_path(audit, "audit.path", base_dir),
+            syslog_host=_text(audit, "audit.syslog_host"),
+            syslog_port=_int(audit, "audit.syslog_port", 1, 65535),
+            syslog_ca_certificates=_optional_path(audit, "audit.syslog_ca_certificates", base_dir),
+        ),
+        retention=RetentionConfig(
+            delete_after_days=_float(retention, "retention.delete_after_days", 0.0, 36500.0),
+            high_watermark_percent=_float(retention, "retention.high_watermark_percent", 1.0, 100.0),
+            interval_seconds=_float(retention, "retention.interval_seconds", 1.0, 86400.0 * 7),
+        ),
     )
     _check_worker(config.worker)
     if config.delivery.retry_max_seconds < config.delivery.retry_initial_seconds:
@@ -359,6 +417,44 @@ def _check_worker(worker: WorkerConfig) -> None:
             f"{worker.decode_timeout_seconds:g}): a batch deadline shorter than one image's decode "
             "limit fails every job of the batch when one image hangs",
         )
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+def _http(section: Mapping[str, Any], base_dir: Path) -> HttpConfig:
+    """``[http]``; a host other than loopback without a token is refused (the API would be open)."""
+    config = HttpConfig(
+        enabled=_bool(section, "http.enabled"),
+        host=_str(section, "http.host"),
+        port=_int(section, "http.port", 0, 65535),
+        token_file=_optional_path(section, "http.token_file", base_dir),
+    )
+    if config.enabled and config.host not in LOOPBACK_HOSTS and config.token_file is None:
+        raise ConfigurationError(
+            "http.token_file",
+            f"http.host {config.host!r} is not loopback: set http.token_file (a file holding the bearer "
+            "token) or serve on 127.0.0.1",
+        )
+    return config
+
+
+def _bool(section: Mapping[str, Any], key: str) -> bool:
+    table, name = _at(section, key)
+    return table.boolean(name)
+
+
+def _text(section: Mapping[str, Any], key: str) -> str:
+    """A string that may be empty."""
+    table, name = _at(section, key)
+    return table.string(name)
+
+
+def _optional_path(section: Mapping[str, Any], key: str, base_dir: Path) -> Path | None:
+    """A path, or None for an empty string."""
+    if not _text(section, key):
+        return None
+    return _path(section, key, base_dir)
 
 
 def _section(data: Mapping[str, Any], name: str) -> dict[str, Any]:

@@ -4,8 +4,8 @@
 #
 #   bash scripts/setup.sh          a production node: dcmtk and python3-venv only
 #   bash scripts/setup.sh --test   also what the tests need: Orthanc, dicom3tools, PixelMed (and Java),
-#                                  PostgreSQL (the tests start their own server) and the project's
-#                                  test extra (pytest, pydicom-data, keras, psycopg, ...)
+#                                  PostgreSQL (the tests start their own server), Chromium and its
+#                                  driver, and the project's test extra (pytest, keras, psycopg, ...)
 #
 # Safe to run again: every step skips what is already done. Each step says what it installs and
 # about how long it takes; a package that cannot be fetched stops the script with the reason.
@@ -24,9 +24,10 @@ done
 
 PYTHON=${PYTHON:-python3}
 APT_PACKAGES=(dcmtk python3-venv)
-# the PACS, the DICOM validators, PixelMed's SR validator (which pulls in Java) and the PostgreSQL
-# server the contract tests start for themselves: only for the tests
-TEST_APT_PACKAGES=(orthanc dicom3tools pixelmed-apps postgresql)
+# the PACS, the DICOM validators, PixelMed's SR validator (which pulls in Java), the PostgreSQL
+# server the contract tests start for themselves and the headless browser of the dashboard test:
+# only for the tests
+TEST_APT_PACKAGES=(orthanc dicom3tools pixelmed-apps postgresql chromium chromium-driver)
 [ "$WITH_TESTS" -eq 1 ] && APT_PACKAGES+=("${TEST_APT_PACKAGES[@]}")
 STEPS=4
 

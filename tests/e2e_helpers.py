@@ -249,6 +249,9 @@ def write_node_config(
         "[worker]",
         "poll_interval_seconds = 0.2",
         "",
+        "[http]",  # any free port: several nodes run at once in the tests
+        "port = 0",
+        "",
         "[delivery]",
         "retry_initial_seconds = 0.5",
         "retry_max_seconds = 2",

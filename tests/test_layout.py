@@ -77,11 +77,11 @@ def test_listener_and_reporting_never_import_torch_or_models(stage: str) -> None
 
 
 def test_listener_and_reporting_do_not_load_torch_at_run_time() -> None:
-    """Importing the listener, the supervisor and the report builders leaves torch unloaded."""
+    """Importing the listener, supervisor, report builders and HTTP server leaves torch unloaded."""
     code = (
         "import sys\n"
         "import dicomnode.node.serve, dicomnode.receive.scp, dicomnode.report.bundle\n"
-        "import dicomnode.deliver.sender\n"
+        "import dicomnode.deliver.sender, dicomnode.http.app, dicomnode.http.server, dicomnode.metrics\n"
         "sys.exit(1 if 'torch' in sys.modules else 0)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)

@@ -6,6 +6,7 @@ import argparse
 import errno
 import logging
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,81 @@ def cmd_sender(config: Config, args: argparse.Namespace) -> int:
     from dicomnode.deliver.sender import run_sender
 
     return run_sender(config, burst=args.burst)
+
+
+def cmd_http(config: Config, args: argparse.Namespace) -> int:
+    from dicomnode.node.process import die_with_parent
+
+    die_with_parent()
+    from dicomnode.http.server import run_http
+
+    return run_http(
+        config,
+        port_file=Path(args.port_file) if args.port_file else None,
+        check_listener=not args.no_listener_check,
+    )
+
+
+def cmd_audit(config: Config, args: argparse.Namespace) -> int:
+    from dicomnode.audit import audit_path, read_messages
+    from dicomnode.audit.messages import summary
+
+    try:
+        since = _since(args.since) if args.since else None
+    except ValueError:
+        print(
+            f"--since {args.since!r}: give an ISO date/time or a duration like 30m, 12h, 7d", file=sys.stderr
+        )
+        return EXIT_FAILURE
+    entries = [summary(message) for message in read_messages(audit_path(config), since)]
+    if args.json:
+        print_json(entries)
+        return EXIT_OK
+    for entry in entries:
+        who = " -> ".join(f"{p['ae_title']}@{p['address']}" for p in entry["participants"])  # type: ignore[attr-defined]
+        what = entry["type"] or entry["event"]
+        studies = ",".join(entry["studies"])  # type: ignore[arg-type]
+        print(f"{entry['time']}  {what:<28} {entry['action']} outcome {entry['outcome']}  {who}  {studies}")
+        if entry["description"]:
+            print(f"    {entry['description']}")
+    return EXIT_OK
+
+
+def _since(text: str) -> datetime:
+    """``2026-12-01``, ``2026-12-01T10:00Z`` or a duration back from now (``30m``, ``12h``, ``7d``)."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[-1:] in units and text[:-1].isdigit():
+        return datetime.now(UTC) - timedelta(seconds=int(text[:-1]) * units[text[-1]])
+    when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def cmd_purge(config: Config, args: argparse.Namespace) -> int:
+    from dicomnode import audit
+    from dicomnode.node.retention import candidates, purge
+    from dicomnode.node.services import open_services
+
+    services = open_services(config, upgrade=False)
+    try:
+        chosen = candidates(services)
+        for candidate in chosen:
+            print(
+                f"{'would delete' if args.dry_run else 'deleting'} {candidate.study_instance_uid}  "
+                f"{candidate.instances} instances, {candidate.size_bytes / 1e6:.1f} MB, last received "
+                f"{candidate.last_received_at.isoformat(timespec='seconds')}: {candidate.reason}"
+            )
+        if args.dry_run:
+            print(f"{len(chosen)} studies would be deleted (dry run: nothing deleted)")
+            return EXIT_OK
+        audit.configure(config)
+        try:
+            deleted = purge(services, chosen)
+        finally:
+            audit.shutdown()
+    finally:
+        services.close()
+    print(f"deleted {deleted} studies")
+    return EXIT_OK
 
 
 def cmd_studies(config: Config, args: argparse.Namespace) -> int:
@@ -282,8 +358,8 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--port-file", help="write the bound port here (useful with node.port = 0)")
     p.add_argument(
         "--roles",
-        default="listener,worker,sender",
-        help="what this process runs, comma-separated (default all): listener, worker, sender",
+        default="listener,worker,sender,http",
+        help="what this process runs, comma-separated (default all): listener, worker, sender, http",
     )
     p.set_defaults(func=cmd_serve)
 
@@ -302,6 +378,26 @@ def add_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("sender", parents=[common], help="run the result sender (serve starts it itself)")
     p.add_argument("--burst", action="store_true", help="deliver what is due once and exit")
     p.set_defaults(func=cmd_sender)
+
+    p = sub.add_parser(
+        "http", parents=[common], help="serve the dashboard, REST API and /metrics (serve starts it itself)"
+    )
+    p.add_argument("--port-file", help="write the bound port here (useful with http.port = 0)")
+    p.add_argument(
+        "--no-listener-check", action="store_true", help="/healthz ignores the listener (none runs here)"
+    )
+    p.set_defaults(func=cmd_http)
+
+    p = sub.add_parser("audit", parents=[common], help="print the PS3.15 audit trail (UIDs only)")
+    p.add_argument("--since", help="from this ISO date/time, or a duration back from now: 30m, 12h, 7d")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_audit)
+
+    p = sub.add_parser(
+        "purge", parents=[common], help="apply [retention] now: delete delivered studies past the limits"
+    )
+    p.add_argument("--dry-run", action="store_true", help="only show what would be deleted")
+    p.set_defaults(func=cmd_purge)
 
     p = sub.add_parser("studies", parents=[common], help="list the studies held, newest first")
     p.add_argument("--json", action="store_true")

@@ -29,6 +29,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicomnode import audit, metrics
 from dicomnode.config import Config, DeliveryConfig, DestinationConfig
 from dicomnode.db import DeliveryState, utcnow
 from dicomnode.deliver.scu import Prepared, UnsendableError, prepare, store_all
@@ -177,6 +178,15 @@ class Sender:
             ),
         )
         _log(row, decision, attempts)
+        metrics.delivery_attempt(row.destination, outcome.status, decision.verdict.value)
+        if decision.verdict is not Verdict.RETRY and row.destination in self.destinations:
+            audit.object_delivered(
+                self.destinations[row.destination],
+                row.study_instance_uid,
+                row.sop_class_uid,
+                delivered=decision.verdict is Verdict.DELIVERED,
+                reason=decision.reason,
+            )
         return decision.verdict
 
 
@@ -226,6 +236,7 @@ def run_sender(config: Config, *, burst: bool = False) -> int:
 
     die_with_parent()
     services = open_services(config, upgrade=False)
+    audit.configure(config)
     sender = Sender.from_config(config, services.sessions)
     try:
         if burst:
@@ -235,4 +246,5 @@ def run_sender(config: Config, *, burst: bool = False) -> int:
         sender.run_forever(StopSignal())
         return 0
     finally:
+        audit.shutdown()
         services.close()

@@ -67,6 +67,7 @@ class Outcome:
     pdu: bytes
     association: Association | None
     why: str = ""  # for a rejection: the reason, for the log line
+    rejected: Association | None = None  # for a rejection: who asked (for metrics and the audit trail)
 
 
 def ae_title_text(raw: bytes) -> str:
@@ -186,7 +187,7 @@ class Negotiator:
         elif not admit():
             rejection, why = REJECT_LOCAL_LIMIT_EXCEEDED, f"already {settings.max_associations} associations"
         if rejection is not None:
-            return Outcome(_reject_pdu(Rejection(*rejection)), None, why)
+            return Outcome(_reject_pdu(Rejection(*rejection)), None, why, rejected=association)
 
         roles = {
             UID(str(item.sop_class_uid)): (item.scu_role, item.scp_role)

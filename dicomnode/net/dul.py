@@ -193,6 +193,9 @@ class Connection:
         self.send(outcome.pdu)
         if outcome.association is None:
             logger.warning("association from %s rejected: %s", self.peer[0], outcome.why)
+            notify = getattr(self.host.service_user, "association_rejected", None)
+            if notify is not None and outcome.rejected is not None:  # metrics, the audit trail
+                notify(outcome.rejected, outcome.why)
             self._await_close()
             return False
         self.association = outcome.association

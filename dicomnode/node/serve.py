@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
+from dicomnode import audit
 from dicomnode.config import Config
 from dicomnode.errors import ConfigurationError
 from dicomnode.fsio import durable_write
@@ -100,6 +101,7 @@ def listen(config: Config, port: int) -> int:
 
     services = open_services(config, upgrade=False)
     store = services.store()
+    audit.configure(config)  # refused AEs and received studies on this listener too
     server, _scp = start_listener(config.node, store, services.queue, port=port, shared_port=True)
     stop = StopSignal()
     try:
@@ -107,12 +109,13 @@ def listen(config: Config, port: int) -> int:
             pass
     finally:
         stop_listener(server, grace_seconds=30.0)
+        audit.shutdown()
         store.close()
         services.close()
     return 0
 
 
-ROLES = ("listener", "worker", "sender")  # what one serve process can run; all of them by default
+ROLES = ("listener", "worker", "sender", "http")  # what one serve process can run; all by default
 
 
 def parse_roles(text: str) -> frozenset[str]:
@@ -141,6 +144,10 @@ def serve(
     run ``worker`` against the same database, with the spool mounted at the same ``storage.path``.
     Only a process with the listener role cleans the spool at start and writes ``serve.json``.
     """
+    from dicomnode.metrics import enable_multiprocess, metrics_dir
+
+    enable_multiprocess(metrics_dir(config.storage.path), clean=True)  # before any process counts
+    audit.configure(config)
     services = open_services(config, upgrade=True)
     base_name = config.node.instance_name or socket.gethostname()
     server = store = None
@@ -163,6 +170,9 @@ def serve(
         ]
     if "sender" in roles and config.destinations:
         children.append(Child("sender", child_argv(config, "sender", log_level), f"{base_name}/sender"))
+    if "http" in roles and config.http.enabled:  # the dashboard: its own process, never in reception's way
+        http_argv = child_argv(config, "http", log_level) + ([] if server else ["--no-listener-check"])
+        children.append(Child("http", http_argv, f"{base_name}/http"))
     if server is not None:
         for index in range(1, config.node.listener_processes):  # more listeners on the same port
             children.append(
@@ -174,6 +184,10 @@ def serve(
             )
 
     stop = threading.Event()
+    if server is not None:  # retention runs where the spool is
+        from dicomnode.node.retention import start_retention
+
+        start_retention(config, services, stop)
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         logger.info("received %s: stopping", signal.Signals(signum).name)
@@ -189,6 +203,7 @@ def serve(
         where,
         os.getpid(),
     )
+    audit.application_started()
     if ready is not None:
         ready.set()
     try:
@@ -211,5 +226,7 @@ def serve(
         for signum, handler in previous.items():
             with contextlib.suppress(ValueError):
                 signal.signal(signum, handler)
+        audit.application_stopped()
+        audit.shutdown()
         logger.info("dicomnode stopped")
     return 0

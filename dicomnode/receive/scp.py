@@ -32,6 +32,7 @@ from pydicom.uid import (
 from pynetdicom import AllStoragePresentationContexts, StoragePresentationContexts
 from pynetdicom.presentation import PresentationContext
 
+from dicomnode import audit, metrics
 from dicomnode.config import NodeConfig
 from dicomnode.errors import DicomNodeError, InvalidDatasetError, StorageFullError
 from dicomnode.fsio import buffers_size
@@ -116,6 +117,13 @@ class StorageSCP:
             stats.bytes / 1e6,
             time.monotonic() - stats.started,
         )
+        metrics.association_ended(association.calling_ae_title, how)
+        audit.association_ended(association, how)
+
+    def association_rejected(self, association: Association, why: str) -> None:
+        """Called by the acceptor after an A-ASSOCIATE-RJ (its log line says why)."""
+        metrics.association_ended(association.calling_ae_title, "rejected")
+        audit.association_rejected(association, why)
 
     def c_echo(self, association: Association, command: Command) -> Response:
         return Response(Status.SUCCESS)
@@ -139,13 +147,16 @@ class StorageSCP:
                 f" ({refused.detail})" if refused.detail else "",
             )
             stats.failed += 1
+            metrics.instance_received(association.calling_ae_title, refused.status.name)
             return Response(refused.status, refused.message)
+        metrics.instance_received(association.calling_ae_title, Status.SUCCESS.name)
         if not recorded:
             logger.debug("C-STORE %s already stored; acknowledged again", record.sop_instance_uid)
             stats.duplicates += 1
             return Response(Status.SUCCESS)
         stats.stored += 1
         stats.bytes += size
+        audit.instance_stored(association, record)
         return Response(Status.SUCCESS)
 
     def _store(self, record: InstanceRecord, meta: bytes, data: list[memoryview]) -> bool:

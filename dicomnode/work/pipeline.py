@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Protocol
 
+from dicomnode import metrics
 from dicomnode.config import Config
 from dicomnode.errors import ConfigurationError, ModelUnavailableError
 from dicomnode.fsio import durable_write
@@ -370,6 +371,8 @@ class Worker:
             started = time.perf_counter()
             predict(images, self.registry, keep_features=True)
             model_seconds = time.perf_counter() - started
+            for name in sorted({i.decision.model for i in images if i.decision.model is not None}):
+                metrics.model_inference(name, self.registry.package(name).card.version, model_seconds)
             compute_heatmaps(images, self.registry)
             for image in images:
                 image.features = None  # the heat maps are made; free the activations

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from dicomnode import metrics
 from dicomnode.config import Config
 from dicomnode.findings import StudyFindings
 from dicomnode.imaging.preprocess import decode_display_image
@@ -170,6 +171,8 @@ class ResultWriter:
         except Exception as exc:
             self.fail_building(work, exc)
             return
+        for findings, _objects in result.outputs:
+            metrics.job_finished(findings.model.name, findings.model.version, sum(work.timings.values()))
         log_job(work, result.outputs)
 
     def write(self, work: JobWork) -> Written:
