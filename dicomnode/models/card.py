@@ -434,11 +434,7 @@ def set_ood_section(card_path: Path, spec: OodSpec) -> ModelCard:
         if isinstance(value, str):
             block.append(f"{key} = {_toml_string(value)}")
         elif isinstance(value, float):
-            block.append(
-                f"{key} = {value:.6g}"
-                if "." in f"{value:.6g}" or "e" in f"{value:.6g}"
-                else f"{key} = {value:.1f}"
-            )
+            block.append(f"{key} = {value!r}")  # the shortest text that reads back as the same float
         else:
             block.append(f"{key} = {value}")
     new_text = "\n".join([*lines, *block]) + "\n"

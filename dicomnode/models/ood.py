@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     import torch
 
     from dicomnode.models import ModelPackage
+    from dicomnode.models.runner import ModelRunner
 
 REFUSED_OOD = "refused: out-of-distribution"
 AUTOENCODER_SIZE = 64  # the autoencoder's input: the model input's luminance resized to 64x64
@@ -48,6 +49,27 @@ class Gate(Protocol):
 def pooled_features(features: list[torch.Tensor]) -> np.ndarray:
     """(N, K) float64: each image's (K, h, w) target activations averaged over space."""
     return np.stack([f.float().mean(dim=(1, 2)).cpu().numpy() for f in features]).astype(np.float64)
+
+
+def activations(runner: ModelRunner, batch: np.ndarray) -> list[torch.Tensor]:
+    """The Grad-CAM target activations of an eager float32 pass, where the prediction kept none."""
+    import torch
+
+    from dicomnode.models.runner import cam_target_layer
+
+    captured: list[torch.Tensor] = []
+
+    def keep(_module: torch.nn.Module, _inputs: object, output: torch.Tensor) -> None:
+        captured.append(output.float())
+
+    handle = cam_target_layer(runner.network, runner.card).register_forward_hook(keep)
+    try:
+        with torch.inference_mode():
+            for start in range(0, batch.shape[0], runner.max_batch_size):
+                runner.network(runner.to_input(batch[start : start + runner.max_batch_size]).float())
+    finally:
+        handle.remove()
+    return [row for chunk in captured for row in chunk.unbind(0)]
 
 
 @dataclass(frozen=True)
@@ -215,6 +237,15 @@ class OodDecision:
     @property
     def refused(self) -> bool:
         return not self.score <= self.threshold  # NaN is refused too
+
+    def to_dict(self) -> dict[str, str | float | bool]:
+        """What the job's routing records (``dicomnode studies --json``)."""
+        return {
+            "kind": self.kind,
+            "score": round(self.score, 4),
+            "threshold": self.threshold,
+            "refused": self.refused,
+        }
 
     @property
     def reason(self) -> str:

@@ -42,6 +42,9 @@ def key_image_uids(findings: StudyFindings, image: ImageFindings) -> tuple[str, 
     )
 
 
+NOT_ANALYSED_TEXT = "AI: not analysed — image outside the model's intended input"
+
+
 def result_text(finding: LabelFinding) -> str:
     """The burned-in line for one label, e.g. ``"AI: Pneumonia 87 % — not verified"``."""
     return f"AI: {finding.display_name} {round(finding.probability * 100)} % — not verified"
@@ -78,6 +81,8 @@ def build_key_image(
         heat = np.load(heatmap) if isinstance(heatmap, str | Path) else np.asarray(heatmap)
         rgb = blend_heatmap(rgb, heat, grey if grey.ndim == 2 else None)
     lines = [result_text(f) for f in sorted(image_findings.findings, key=lambda f: -f.probability)]
+    if image_findings.refusal is not None:  # the OOD gate withheld the findings: say so, no number
+        lines.append(NOT_ANALYSED_TEXT)
     rgb = burn_in_text(rgb, lines)
 
     series_uid, sop_uid = key_image_uids(study_findings, image_findings)
