@@ -100,9 +100,11 @@ def cmd_rules_test(config: Config, args: argparse.Namespace) -> int:
     """Show which model each file would get, and why."""
     from pydicom import dcmread
 
+    from dicomnode.work.completeness import explain_arrival
     from dicomnode.work.routing import route_image
 
-    results = []
+    results: list[dict[str, Any]] = []
+    studies: dict[str, list[tuple[int, Any]]] = {}
     for name in args.files:
         try:
             header = dcmread(name, stop_before_pixels=True)
@@ -113,11 +115,18 @@ def cmd_rules_test(config: Config, args: argparse.Namespace) -> int:
             continue
         decision = route_image(config.routes, header, args.calling_ae)
         results.append({"file": name, **decision.to_dict()})
+        studies.setdefault(str(header.get("StudyInstanceUID", "")), []).append((len(results) - 1, header))
+    for members in studies.values():  # study completeness: the condition that would start it
+        start = explain_arrival(config, [(header, args.calling_ae) for _, header in members]).condition
+        for index, _ in members:
+            results[index]["start"] = start
     if args.json:
         print_json(results)
     else:
         for item in results:
             print(f"{item['file']}: {item['model'] or 'no model'} — {item['reason']}")
+            if "start" in item:
+                print(f"  start: {item['start']}")
     return 0
 
 
