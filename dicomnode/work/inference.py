@@ -62,16 +62,31 @@ class ModelRegistry:
         self._gates: dict[str, Gate | None] = {}
 
     def package(self, name: str) -> ModelPackage:
-        """The named package; ModelUnavailableError (naming the install command) when missing."""
+        """The package a route names: a folder of ``models_dir``, or ``NAME@VERSION`` for the
+        package whose card has that name and version (two versions installed side by side, in
+        folders of any name). ModelUnavailableError (naming the install command) when missing."""
         if name not in self._packages:
-            from dicomnode.models import load_model_package
+            from dicomnode.models import discover_models, load_model_package
 
             path = self.models_dir / name
-            if not (path / "model.toml").exists():
+            if (path / "model.toml").exists():
+                self._packages[name] = load_model_package(path)
+            elif "@" in name:
+                base, _, version = name.partition("@")
+                found = [
+                    p
+                    for p in discover_models(self.models_dir)
+                    if p.card.name == base and p.card.version == version
+                ]
+                if not found:
+                    raise ModelUnavailableError(
+                        f"model {base!r} version {version!r} is not installed in {self.models_dir}"
+                    )
+                self._packages[name] = found[0]
+            else:
                 raise ModelUnavailableError(
                     f"model {name!r} is not installed in {self.models_dir}; {INSTALL_HINT}"
                 )
-            self._packages[name] = load_model_package(path)
         return self._packages[name]
 
     def runner(self, name: str) -> ModelRunner:
