@@ -180,7 +180,8 @@ def test_ood_check_prints_score_and_decision(
     gated: tuple[Path, OodSpec],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    """`dicomnode ood check` scores each file and exits 1 when one is refused."""
+    """`dicomnode ood check` scores each file and exits 1 when one is refused; `infer` gives the
+    refused knee no finding and says why."""
     _, chests, others = corpus
     models, spec = gated
     config = models.parent / "config.toml"
@@ -202,6 +203,9 @@ def test_ood_check_prints_score_and_decision(
     assert rows[1]["score"] > spec.threshold >= rows[0]["score"]
     assert main(["--config", str(config), "ood", "check", "pneumonia-xception", str(chests[3])]) == 0
     assert "accepted" in capsys.readouterr().out
+    assert main(["--config", str(config), "infer", "--json", str(knee)]) == 1  # routed as a chest PA
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["findings"] == [] and row["reason"].startswith("refused: out-of-distribution")
 
 
 def _store(services: Services, path: Path) -> str:

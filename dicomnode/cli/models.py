@@ -160,6 +160,8 @@ def cmd_infer(config: Config, args: argparse.Namespace) -> int:
         reason = None if image.decision.model else image.decision.reason
         if image.decision.model and image.error:
             reason = image.error
+        if image.ood is not None and image.refused:  # the model's OOD gate withheld its findings
+            reason = image.ood.reason
         results.append(
             {
                 "file": name,
