@@ -14,7 +14,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from dicomnode._toml import Table
 from dicomnode.errors import ConfigurationError
@@ -186,13 +186,37 @@ class WorkerConfig:
 
 
 @dataclass(frozen=True)
+class SeriesRequirement:
+    """A route's ``required_series``: the image a study must hold before it may start at once
+    (the same match keys as a route, e.g. ``view_position = ["PA"]``)."""
+
+    match: Mapping[str, tuple[str, ...]]
+    regex: Mapping[str, str]
+
+
+@dataclass(frozen=True)
 class RouteConfig:
-    """One routing rule: which images a model runs on. Absent keys match anything."""
+    """One routing rule: which images a model runs on. Absent keys match anything.
+
+    Study completeness (docs/configuration.md): a study holding an image of this route starts at
+    once when its requirements are met (``required_series`` and/or ``expected_instances``), else
+    after ``[studies] stable_after_seconds`` of quiet, and at the latest ``max_wait_seconds`` after
+    its first pending instance.
+    """
 
     name: str
     model: str
     match: Mapping[str, tuple[str, ...]]  # list keys -> accepted values ("" = absent)
     regex: Mapping[str, str]  # regex keys -> pattern (re.search, case-insensitive)
+    required_series: SeriesRequirement | None = None
+    # instances a complete study holds: a number, or "header" for Number of Study Related Instances
+    expected_instances: int | Literal["header"] | None = None
+    max_wait_seconds: float | None = None  # the ceiling: start however incomplete
+
+    @property
+    def has_requirements(self) -> bool:
+        """Whether the route can start a study before it is quiet."""
+        return self.required_series is not None or self.expected_instances is not None
 
 
 @dataclass(frozen=True)
@@ -541,11 +565,36 @@ def _tls(value: Any, base_dir: Path) -> TLSConfig | None:
     return TLSConfig(paths["certificate"], paths["private_key"], paths.get("ca_certificates"))
 
 
+def _route_match(item: Mapping[str, Any], where: str) -> tuple[dict[str, tuple[str, ...]], dict[str, str]]:
+    """The list and regex match keys of a route (or of its ``required_series``)."""
+    match: dict[str, tuple[str, ...]] = {}
+    for key in ROUTE_LIST_KEYS:
+        if key in item:
+            values = item[key] if isinstance(item[key], list) else [item[key]]
+            if not all(isinstance(v, str) for v in values):
+                raise ConfigurationError(f"{where}.{key}", "must be a string or a list of strings")
+            match[key] = tuple(v.strip() for v in values)
+    regex: dict[str, str] = {}
+    for key in ROUTE_REGEX_KEYS:
+        if key in item:
+            try:
+                re.compile(item[key])
+            except (re.error, TypeError) as exc:
+                raise ConfigurationError(
+                    f"{where}.{key}", f"is not a valid regular expression: {exc}"
+                ) from exc
+            regex[key] = item[key]
+    return match, regex
+
+
 def _routes(value: Any) -> tuple[RouteConfig, ...]:
     if not isinstance(value, list):
         raise ConfigurationError("routes", "must be an array of tables ([[routes]])")
     routes = []
-    allowed = {"name", "model", *ROUTE_LIST_KEYS, *ROUTE_REGEX_KEYS}
+    allowed = {
+        "name", "model", *ROUTE_LIST_KEYS, *ROUTE_REGEX_KEYS,
+        "required_series", "expected_instances", "max_wait_seconds",
+    }  # fmt: skip
     for i, item in enumerate(value):
         where = f"routes[{i}]"
         if not isinstance(item, Mapping):
@@ -556,26 +605,39 @@ def _routes(value: Any) -> tuple[RouteConfig, ...]:
         for key in ("name", "model"):
             if key not in item:
                 raise ConfigurationError(f"{where}.{key}", "is required")
-        match: dict[str, tuple[str, ...]] = {}
-        for key in ROUTE_LIST_KEYS:
-            if key in item:
-                values = item[key] if isinstance(item[key], list) else [item[key]]
-                if not all(isinstance(v, str) for v in values):
-                    raise ConfigurationError(f"{where}.{key}", "must be a string or a list of strings")
-                match[key] = tuple(v.strip() for v in values)
-        regex: dict[str, str] = {}
-        for key in ROUTE_REGEX_KEYS:
-            if key in item:
-                try:
-                    re.compile(item[key])
-                except (re.error, TypeError) as exc:
-                    raise ConfigurationError(
-                        f"{where}.{key}", f"is not a valid regular expression: {exc}"
-                    ) from exc
-                regex[key] = item[key]
+        match, regex = _route_match(item, where)
+        required = None
+        if "required_series" in item:
+            table = Table.of(item["required_series"], f"{where}.required_series")
+            table.check_keys({*ROUTE_LIST_KEYS, *ROUTE_REGEX_KEYS} - {"calling_ae_title"})
+            if not table.data:
+                raise ConfigurationError(
+                    table.prefix, 'must name at least one key (e.g. view_position = ["PA"])'
+                )
+            required = SeriesRequirement(*_route_match(table.data, table.prefix))
+        expected: int | Literal["header"] | None = None
+        if "expected_instances" in item:
+            raw = item["expected_instances"]
+            if raw == "header":
+                expected = "header"
+            elif isinstance(raw, int) and not isinstance(raw, bool) and raw >= 1:
+                expected = raw
+            else:
+                raise ConfigurationError(
+                    f"{where}.expected_instances", f'must be a positive integer or "header"; got {raw!r}'
+                )
+        top = Table(item, where)
         routes.append(
             RouteConfig(
-                name=_str(item, f"{where}.name"), model=_str(item, f"{where}.model"), match=match, regex=regex
+                name=_str(item, f"{where}.name"),
+                model=_str(item, f"{where}.model"),
+                match=match,
+                regex=regex,
+                required_series=required,
+                expected_instances=expected,
+                max_wait_seconds=top.number("max_wait_seconds", low=0.0, high=86400.0)
+                if "max_wait_seconds" in item
+                else None,
             )
         )
     names = [r.name for r in routes]

@@ -80,6 +80,8 @@ class ImageFindings:
     frame_number: int | None = None
     # label -> path of a float32 .npy heat map (rows x columns of the source image, 0..1)
     heatmaps: dict[str, str] = field(default_factory=dict)
+    # why the model's findings were withheld, e.g. "refused: out-of-distribution (...)"; None if not
+    refusal: str | None = None
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,7 @@ def _image_from_dict(data: dict[str, Any]) -> ImageFindings:
         findings=tuple(_label_from_dict(f) for f in data["findings"]),
         frame_number=data.get("frame_number"),
         heatmaps=dict(data.get("heatmaps", {})),
+        refusal=data.get("refusal"),
     )
 
 

@@ -136,9 +136,12 @@ def cmd_models_install_default(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_rules_test(config: Config, args: argparse.Namespace) -> int:
     """Show which model each file would get, and why."""
+
+    from dicomnode.work.completeness import explain_arrival
     from dicomnode.work.routing import route_image
 
     results: list[dict[str, Any]] = []
+    studies: dict[str, list[tuple[int, Any]]] = {}
     for name in args.files:
         header, error = dicom_file_header(name)
         if header is None:
@@ -146,14 +149,21 @@ def cmd_rules_test(config: Config, args: argparse.Namespace) -> int:
             continue
         decision = route_image(config.routes, header, args.calling_ae)
         results.append({"file": name, **decision.to_dict(), "error": None})
+        studies.setdefault(str(header.get("StudyInstanceUID", "")), []).append((len(results) - 1, header))
+    for members in studies.values():  # study completeness: the condition that would start it
+        start = explain_arrival(config, [(header, args.calling_ae) for _, header in members]).condition
+        for index, _ in members:
+            results[index]["start"] = start
     if args.json:
         print_json(results)
     else:
         for item in results:
             if item["error"]:
                 print(f"error: {item['error']}", file=sys.stderr)
-            else:
-                print(f"{item['file']}: {item['model'] or 'no model'} — {item['reason']}")
+                continue
+            print(f"{item['file']}: {item['model'] or 'no model'} — {item['reason']}")
+            if "start" in item:
+                print(f"  start: {item['start']}")
     return EXIT_FAILURE if any(item["error"] for item in results) else EXIT_OK
 
 
@@ -201,6 +211,8 @@ def cmd_infer(config: Config, args: argparse.Namespace) -> int:
         reason = None if image.decision.model else image.decision.reason
         if image.decision.model and image.error:
             reason = image.error
+        if image.ood is not None and image.refused:  # the model's OOD gate withheld its findings
+            reason = image.ood.reason
         results.append(
             {
                 "file": name,

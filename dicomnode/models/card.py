@@ -25,6 +25,7 @@ from dicomnode.imaging.spec import FrameSelection, Interpolation, PreprocessSpec
 Task = Literal["image-classification", "series-classification"]
 Architecture = Literal["xception", "densenet121", "torchscript"]
 OutputActivation = Literal["softmax", "sigmoid"]
+OodKind = Literal["feature-distance", "autoencoder"]
 
 CARD_FILE_NAME = "model.toml"
 # Namespace of the Device Observer UIDs: uuid5(NAMESPACE_URL, "https://github.com/dicomnode/model").
@@ -79,6 +80,19 @@ class Performance:
 
 
 @dataclass(frozen=True)
+class OodSpec:
+    """The card's ``[ood]``: the out-of-distribution gate (see :mod:`dicomnode.models.ood`)."""
+
+    kind: OodKind
+    threshold: float  # a score above it refuses the image (no finding)
+    file: str  # the gate's parameters, relative to the package folder
+    fitted_on: str  # what the reference images were, in words
+    reference_images: int  # how many distinct images the gate was fitted on (before augmentation)
+    augmentation: str = ""  # how the reference images were augmented, if at all
+    evidence: str = ""  # what the gate was measured to accept and refuse (AUROC, set size)
+
+
+@dataclass(frozen=True)
 class ModelCard:
     """A validated model card (``model.toml``)."""
 
@@ -101,6 +115,7 @@ class ModelCard:
     licence: str = ""
     not_for_clinical_use: bool = True
     performance: Performance = field(default_factory=Performance)
+    ood: OodSpec | None = None
 
     @property
     def num_classes(self) -> int:
@@ -157,7 +172,7 @@ def device_observer_uid(name: str, version: str) -> str:
 
 _TOP_KEYS = {
     "name", "version", "display_name", "task", "architecture", "architecture_parameters", "weights",
-    "output_activation", "labels", "preprocessing", "applies_to", "card", "manufacturer",
+    "output_activation", "labels", "preprocessing", "applies_to", "card", "manufacturer", "ood",
 }  # fmt: skip
 _CARD_KEYS = {
     "trained_by", "training_data", "intended_use", "limitations", "licence", "not_for_clinical_use",
@@ -214,6 +229,25 @@ def parse_card(data: Mapping[str, Any]) -> ModelCard:
         licence=card.string("licence", ""),
         not_for_clinical_use=card.boolean("not_for_clinical_use", True),
         performance=_performance(card.table("performance")),
+        ood=_ood(top.table("ood")) if "ood" in top else None,
+    )
+
+
+def _ood(table: Table) -> OodSpec:
+    table.check_keys(
+        {"kind", "threshold", "file", "fitted_on", "reference_images", "augmentation", "evidence"}
+    )
+    file = table.string("file", nonempty=True)
+    if Path(file).is_absolute() or ".." in Path(file).parts:
+        raise table.error("file", "must be a file name inside the package folder")
+    return OodSpec(
+        kind=cast(OodKind, table.choice("kind", get_args(OodKind))),
+        threshold=table.number("threshold", low=0.0),
+        file=file,
+        fitted_on=table.string("fitted_on", nonempty=True),
+        reference_images=table.integer("reference_images", low=1),
+        augmentation=table.string("augmentation", ""),
+        evidence=table.string("evidence", ""),
     )
 
 
@@ -370,3 +404,48 @@ def set_label_threshold(card_path: Path, label: str, threshold: float, note: str
     card = ModelCard.from_toml(new_text)
     durable_write(card_path, new_text.encode("utf-8"))
     return card
+
+
+def set_ood_section(card_path: Path, spec: OodSpec) -> ModelCard:
+    """Replace (or add) the ``[ood]`` table of a model.toml, keeping everything else as written.
+
+    The table goes at the end of the file (a top-level table may follow any other); the new text is
+    validated by parsing it before it replaces the file.
+    """
+    lines = card_path.read_text(encoding="utf-8").rstrip("\n").splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip() == "[ood]"), None)
+    if start is not None:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].strip().startswith("[")), len(lines))
+        while start > 0 and lines[start - 1].startswith("# ood:"):
+            start -= 1
+        lines = lines[:start] + lines[end:]
+    while lines and not lines[-1].strip():
+        lines.pop()
+    fields_ = [
+        ("kind", spec.kind),
+        ("threshold", spec.threshold),
+        ("file", spec.file),
+        ("fitted_on", spec.fitted_on),
+        ("reference_images", spec.reference_images),
+        ("augmentation", spec.augmentation),
+        ("evidence", spec.evidence),
+    ]
+    block = ["", "# ood: written by `dicomnode ood fit` (docs/models.md, out-of-distribution gate)", "[ood]"]
+    for key, value in fields_:
+        if isinstance(value, str):
+            block.append(f"{key} = {_toml_string(value)}")
+        elif isinstance(value, float):
+            block.append(f"{key} = {value!r}")  # the shortest text that reads back as the same float
+        else:
+            block.append(f"{key} = {value}")
+    new_text = "\n".join([*lines, *block]) + "\n"
+    card = ModelCard.from_toml(new_text)
+    durable_write(card_path, new_text.encode("utf-8"))
+    return card
+
+
+def _toml_string(value: str) -> str:
+    """A TOML basic string (JSON's escaping is a subset TOML accepts)."""
+    import json
+
+    return json.dumps(value, ensure_ascii=False)

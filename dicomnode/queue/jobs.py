@@ -70,6 +70,27 @@ class InstanceRecord:
 
 
 @dataclass(frozen=True)
+class PendingInstance:
+    """An instance not yet in a job: what study completeness needs to read its header."""
+
+    sop_instance_uid: str
+    path: str  # relative to the storage folder
+    calling_ae_title: str | None
+
+
+@dataclass(frozen=True)
+class PendingStudy:
+    """A study with instances not yet in a job (see :meth:`JobQueue.pending_studies`)."""
+
+    study_id: int
+    study_instance_uid: str
+    first_received_at: datetime  # of its pending instances
+    last_received_at: datetime
+    instances: tuple[PendingInstance, ...]
+    total_instances: int  # every instance the study holds, pending or in earlier jobs
+
+
+@dataclass(frozen=True)
 class ClaimedJob:
     """A job leased to one worker."""
 
@@ -186,19 +207,66 @@ class JobQueue:
 
     # --- assembling --------------------------------------------------------------------------------
 
+    def pending_studies(self) -> list[PendingStudy]:
+        """Every study with instances not yet in a job, with those instances (read-only)."""
+        with self.sessions() as session:
+            rows = session.execute(
+                select(
+                    Instance.study_id,
+                    Study.study_instance_uid,
+                    Instance.sop_instance_uid,
+                    Instance.path,
+                    Instance.calling_ae_title,
+                    Instance.received_at,
+                )
+                .join(Study, Study.id == Instance.study_id)
+                .where(Instance.job_id.is_(None))
+                .order_by(Instance.study_id, Instance.id)
+            ).all()
+            ids = sorted({row[0] for row in rows})
+            totals = (
+                dict(
+                    session.execute(
+                        select(Instance.study_id, func.count())
+                        .where(Instance.study_id.in_(ids))
+                        .group_by(Instance.study_id)
+                    ).all()
+                )
+                if ids
+                else {}
+            )
+        grouped: dict[int, list[Any]] = {}
+        for row in rows:
+            grouped.setdefault(row[0], []).append(row)
+        return [
+            PendingStudy(
+                study_id=study_id,
+                study_instance_uid=members[0][1],
+                first_received_at=min(_aware(m[5]) for m in members),
+                last_received_at=max(_aware(m[5]) for m in members),
+                instances=tuple(PendingInstance(m[2], m[3], m[4]) for m in members),
+                total_instances=int(totals.get(study_id, len(members))),
+            )
+            for study_id, members in grouped.items()
+        ]
+
     def assemble_stable_studies(
         self,
-        stable_after_seconds: float,
+        stable_after_seconds: float | None,
         max_attempts: int,
         now: datetime | None = None,
         *,
         stat_calling_ae_titles: Sequence[str] = (),
+        ready_study_ids: Sequence[int] = (),
     ) -> list[int]:
-        """Create a job for every study whose not-yet-queued instances have been quiet long enough.
+        """Create a job for every study whose not-yet-queued instances have been quiet long enough,
+        and for every study in ``ready_study_ids`` (complete by its routes' requirements, decided by
+        the caller); with ``stable_after_seconds`` None, only for those.
 
         A job is STAT when any of its instances came from one of ``stat_calling_ae_titles``."""
         now = now or utcnow()
-        cutoff = now - timedelta(seconds=stable_after_seconds)
+        cutoff = None if stable_after_seconds is None else now - timedelta(seconds=stable_after_seconds)
+        ready = set(ready_study_ids)
         created: list[int] = []
         with self._write_lock, self.sessions.begin() as session:
             _lock_assembly(session)
@@ -212,7 +280,8 @@ class JobQueue:
                 .group_by(Instance.study_id)
             ).all()
             for study_id, last, stat in rows:
-                if last is not None and _aware(last) > cutoff:
+                stable = cutoff is not None and last is not None and _aware(last) <= cutoff
+                if not stable and study_id not in ready:
                     continue
                 job = Job(
                     study_id=study_id,

@@ -49,6 +49,9 @@ def caution_text(model: ModelIdentity) -> str:
     return "AI result — not verified"
 
 
+NOT_ANALYSED_TEXT = "AI: not analysed — image outside the model's intended input"
+
+
 def result_text(finding: LabelFinding) -> str:
     """The burned-in line for one label, e.g. ``"Pneumonia 87.3 % (present at threshold 0.50)"``.
 
@@ -92,6 +95,8 @@ def build_key_image(
         rgb = blend_heatmap(rgb, heat, grey if grey.ndim == 2 else None)
     lines = [caution_text(study_findings.model)]
     lines += [result_text(f) for f in sorted(image_findings.findings, key=lambda f: -f.probability)]
+    if image_findings.refusal is not None:  # the OOD gate withheld the findings: say so, no number
+        lines.append(NOT_ANALYSED_TEXT)
     # below the radiograph, never over it: the film's own markers stay visible
     rgb = add_result_band(rgb, lines, legend=heatmap is not None)
 

@@ -41,6 +41,9 @@ CERTAINTY_OF_FINDING = CodedConcept("111012", "DCM", "Certainty of Finding")
 PERCENT = CodedConcept("%", "UCUM", "Percent")
 PRESENT = CodedConcept("52101004", "SCT", "Present")
 ABSENT = CodedConcept("272519000", "SCT", "Absent")
+# The value of a refused image's qualitative evaluation: a code of dicomnode's private scheme (a "99"
+# designator, PS3.3 8.2), as no standard code says "not analysed because out of distribution".
+NOT_ANALYSED = CodedConcept("OOD", "99DICOMNODE", "Not analysed: image outside the model's intended input")
 # Procedure Reported must come from CID 100 (PixelMed checks it). The group has no chest code, and
 # PixelMed 20220618 rejects even (43468-8, LN, "XR unspecified body region"); this one passes.
 IMAGING_PROCEDURE = CodedConcept("363679005", "SCT", "Imaging procedure")
@@ -104,6 +107,10 @@ def build_sr(
         _measurement_group(study_findings, image, finding, sop_uid, index)
         for index, image in enumerate(study_findings.images, start=1)
         for finding in image.findings
+    ] + [
+        _refusal_group(study_findings, image, sop_uid, index)
+        for index, image in enumerate(study_findings.images, start=1)
+        if image.refusal is not None
     ]
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(
@@ -193,6 +200,35 @@ def _measurement_group(
         algorithm_id=algorithm,
         measurements=[certainty],
         qualitative_evaluations=[decision],
+        source_images=[
+            hd.sr.SourceImageForMeasurementGroup(
+                referenced_sop_class_uid=image.sop_class_uid,
+                referenced_sop_instance_uid=image.sop_instance_uid,
+                referenced_frame_numbers=frames,
+            )
+        ],
+    )
+
+
+def _refusal_group(
+    findings: StudyFindings, image: ImageFindings, sr_sop_uid: str, index: int
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """A TID 1501 group for an image the OOD gate refused: no finding, no certainty, only the
+    qualitative evaluation "not analysed" (:data:`NOT_ANALYSED`) and the gate's score as a parameter."""
+    frames = [image.frame_number] if image.frame_number is not None else None
+    tracking = hd.sr.TrackingIdentifier(
+        uid=derive_uid(sr_sop_uid, image.sop_instance_uid, str(image.frame_number), "not-analysed"),
+        identifier=f"not analysed image {index}"[:64],
+    )
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=findings.model.name,
+        version=findings.model.version,
+        parameters=[(image.refusal or "")[:64]],
+    )
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        algorithm_id=algorithm,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=codes.DCM.Finding, value=NOT_ANALYSED)],
         source_images=[
             hd.sr.SourceImageForMeasurementGroup(
                 referenced_sop_class_uid=image.sop_class_uid,

@@ -34,6 +34,7 @@ from dicomnode.work.routing import RouteDecision, route_image
 
 if TYPE_CHECKING:
     from dicomnode.models import ModelPackage
+    from dicomnode.models.ood import Gate, OodDecision
     from dicomnode.models.runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -58,18 +59,34 @@ class ModelRegistry:
         self.cpu_threads = cpu_threads  # torch intra-op threads of CPU runners (None: torch's default)
         self._packages: dict[str, ModelPackage] = {}
         self._runners: dict[str, ModelRunner] = {}
+        self._gates: dict[str, Gate | None] = {}
 
     def package(self, name: str) -> ModelPackage:
-        """The named package; ModelUnavailableError (naming the install command) when missing."""
+        """The package a route names: a folder of ``models_dir``, or ``NAME@VERSION`` for the
+        package whose card has that name and version (two versions installed side by side, in
+        folders of any name). ModelUnavailableError (naming the install command) when missing."""
         if name not in self._packages:
-            from dicomnode.models import load_model_package
+            from dicomnode.models import discover_models, load_model_package
 
             path = self.models_dir / name
-            if not (path / "model.toml").exists():
+            if (path / "model.toml").exists():
+                self._packages[name] = load_model_package(path)
+            elif "@" in name:
+                base, _, version = name.partition("@")
+                found = [
+                    p
+                    for p in discover_models(self.models_dir)
+                    if p.card.name == base and p.card.version == version
+                ]
+                if not found:
+                    raise ModelUnavailableError(
+                        f"model {base!r} version {version!r} is not installed in {self.models_dir}"
+                    )
+                self._packages[name] = found[0]
+            else:
                 raise ModelUnavailableError(
                     f"model {name!r} is not installed in {self.models_dir}; {INSTALL_HINT}"
                 )
-            self._packages[name] = load_model_package(path)
         return self._packages[name]
 
     def runner(self, name: str) -> ModelRunner:
@@ -83,6 +100,14 @@ class ModelRegistry:
                 cpu_threads=self.cpu_threads,
             )
         return self._runners[name]
+
+    def gate(self, name: str) -> Gate | None:
+        """The model's out-of-distribution gate (None when its card has no ``[ood]``), loaded once."""
+        if name not in self._gates:
+            from dicomnode.models.ood import load_gate
+
+            self._gates[name] = load_gate(self.package(name))
+        return self._gates[name]
 
 
 def model_cpu_threads() -> int:
@@ -116,6 +141,12 @@ class ImageInput:
     # the Grad-CAM target activations kept from the model's forward pass (a torch tensor), if any
     features: Any = None
     display: np.ndarray | None = None  # the display image, when decoded together with the model input
+    ood: OodDecision | None = None  # the out-of-distribution gate's verdict, when the model has a gate
+
+    @property
+    def refused(self) -> bool:
+        """Whether the gate refused the image: it then has probabilities but no finding."""
+        return self.ood is not None and self.ood.refused
 
 
 def route_files(config: Config, items: Sequence[tuple[Any, Path, str | None]]) -> list[ImageInput]:
@@ -215,20 +246,38 @@ def predict(
                 for image in series:
                     image.probabilities = probabilities
         else:
+            gate = registry.gate(name)
             batch = np.stack([image.array[0] for image in group if image.array is not None])
-            if keep_features:
+            if keep_features or gate is not None:
                 probabilities, features = runner.predict_with_features(batch)
             else:
                 probabilities, features = runner.predict(batch), None
             for position, (image, row) in enumerate(zip(group, probabilities, strict=True)):
                 image.probabilities = row
                 image.features = features[position] if features is not None else None
+            if gate is not None:
+                _apply_gate(gate, runner, batch, features, group)
 
         for image in group:
-            if image.probabilities is not None:
+            if image.probabilities is not None and not image.refused:
                 image.findings = findings_for(image.probabilities, runner.card)
         timings[name] = time.perf_counter() - started
     return timings
+
+
+def _apply_gate(
+    gate: Gate, runner: ModelRunner, batch: np.ndarray, features: list[Any] | None, group: list[ImageInput]
+) -> None:
+    """Score each image with the model's gate; a refused image keeps no finding and no activations."""
+    from dicomnode.models.ood import activations, decide
+
+    if features is None and gate.spec.kind == "feature-distance":
+        features = activations(runner, batch)  # the prediction ran where it keeps none (autocast)
+    for image, decision in zip(group, decide(gate, batch, features), strict=True):
+        image.ood = decision
+        if decision.refused:
+            image.features = None
+            logger.info("image %s: %s", image.header.get("SOPInstanceUID", "?"), decision.reason)
 
 
 def key_image_indices(images: Sequence[ImageInput], *, series_model: bool) -> list[int]:
@@ -336,6 +385,7 @@ def study_findings(
                 findings=tuple(image.findings),
                 frame_number=1 if frames > 1 or "NumberOfFrames" in header else None,
                 heatmaps=heatmaps.get(index, {}),
+                refusal=image.ood.reason if image.ood is not None and image.ood.refused else None,
             )
         )
     return StudyFindings(

@@ -30,6 +30,7 @@ from dicomnode.node.process import instance_name
 from dicomnode.node.services import Services, open_services
 from dicomnode.queue.jobs import ClaimedJob
 from dicomnode.sandbox import CpuPriority, DecodePool, apply_cpu_priority
+from dicomnode.work.completeness import CompletenessTracker
 from dicomnode.work.inference import (
     HEADER_UNREADABLE,
     ModelRegistry,
@@ -126,6 +127,7 @@ class Worker:
         )
         self._pending: Future[None] | None = None  # the chunk the reporter is finishing
         self._late: list[tuple[JobWork, int]] = []  # jobs left behind by their chunk, watchdog tokens
+        self.completeness = CompletenessTracker(config, services.queue)
 
     def close(self) -> None:
         """Stop the watchdog and the threads and processes this worker started."""
@@ -228,6 +230,16 @@ class Worker:
         queue = self.services.queue
         queue.requeue_expired()
         studies = self.config.studies
+        if self.completeness.active:  # routes state requirements: readiness decides every study
+            ready = [study_id for study_id, _ in self.completeness.ready_studies()]
+            if ready:
+                queue.assemble_stable_studies(
+                    None,
+                    self.config.worker.max_attempts,
+                    stat_calling_ae_titles=studies.stat_calling_ae_titles,
+                    ready_study_ids=ready,
+                )
+            return
         queue.assemble_stable_studies(
             studies.stable_after_seconds,
             self.config.worker.max_attempts,

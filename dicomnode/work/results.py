@@ -25,6 +25,7 @@ from dicomnode import metrics
 from dicomnode.config import Config
 from dicomnode.findings import StudyFindings
 from dicomnode.imaging.preprocess import decode_display_image
+from dicomnode.models.ood import REFUSED_OOD
 from dicomnode.node.services import Services
 from dicomnode.queue.jobs import ClaimedJob
 from dicomnode.queue.outbox import OutboxQueue, StoredObject
@@ -183,6 +184,8 @@ class ResultWriter:
                 "sop_instance_uid": str(i.header.get("SOPInstanceUID", "")),
                 **i.decision.to_dict(),
                 "error": i.error,
+                **({"ood": i.ood.to_dict()} if i.ood is not None else {}),
+                **({"decision": REFUSED_OOD} if i.refused else {}),
             }
             for i in work.images
         ]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
 
-from dicomnode.config import RouteConfig
+from dicomnode.config import RouteConfig, SeriesRequirement
 
 # route key -> DICOM keyword it reads
 ROUTE_ATTRIBUTES = {
@@ -50,8 +50,10 @@ def _values(header: Dataset, keyword: str) -> list[str]:
     return [str(value).strip()]
 
 
-def _check(route: RouteConfig, header: Dataset, calling_ae_title: str | None) -> str | None:
-    """None when ``route`` matches, else why not."""
+def _check(
+    route: RouteConfig | SeriesRequirement, header: Dataset, calling_ae_title: str | None
+) -> str | None:
+    """None when ``route`` (or a route's ``required_series``) matches, else why not."""
     for key, accepted in route.match.items():
         if key == "calling_ae_title":
             present = [calling_ae_title.strip()] if calling_ae_title else []
@@ -76,6 +78,11 @@ def _check(route: RouteConfig, header: Dataset, calling_ae_title: str | None) ->
         if not re.search(pattern, text, flags=re.IGNORECASE):
             return f"{ROUTE_ATTRIBUTES[key]} does not match /{pattern}/"
     return None
+
+
+def requirement_miss(requirement: SeriesRequirement, header: Dataset) -> str | None:
+    """None when the image meets a route's ``required_series``, else why not."""
+    return _check(requirement, header, None)
 
 
 def route_image(
