@@ -18,8 +18,8 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.db import DeliveryState, Instance, Job, JobPriority, JobState, Outbox, Result, Study
-from dicomnode.node.inventory import study_state
+from dicomnode.db import DeliveryState, Instance, Job, JobState, Outbox, Result, Study
+from dicomnode.node.inventory import study_entry, study_state
 
 MAX_PAGE = 500
 
@@ -41,66 +41,10 @@ def _study_objects(session: Session, studies: list[Study], root: Path) -> list[d
     outbox: dict[str, list[Outbox]] = defaultdict(list)
     for row in session.scalars(select(Outbox).where(Outbox.study_instance_uid.in_(uids)).order_by(Outbox.id)):
         outbox[row.study_instance_uid].append(row)
-    result = []
-    for study in studies:
-        own_jobs = jobs[study.id]
-        own_outbox = outbox[study.study_instance_uid]
-        latest = own_jobs[-1] if own_jobs else None
-        counts = Counter(o.state.value for o in own_outbox if latest is not None and o.job_id == latest.id)
-        pending = sum(1 for i in instances[study.id] if i.job_id is None)
-        result.append(
-            {
-                "study_instance_uid": study.study_instance_uid,
-                "patient_id": study.patient_id,
-                "study_date": study.study_date,
-                "state": study_state(pending, latest, counts),
-                "first_received_at": study.first_received_at.isoformat(),
-                "last_received_at": study.last_received_at.isoformat(),
-                "instances": [
-                    {
-                        "sop_instance_uid": i.sop_instance_uid,
-                        "sop_class_uid": i.sop_class_uid,
-                        "series_instance_uid": i.series_instance_uid,
-                        "transfer_syntax_uid": i.transfer_syntax_uid,
-                        "modality": i.modality,
-                        "path": str(root / i.path),
-                        "size_bytes": i.size_bytes,
-                        "received_at": i.received_at.isoformat(),
-                        "job_id": i.job_id,
-                    }
-                    for i in instances[study.id]
-                ],
-                "jobs": [
-                    {
-                        "id": j.id,
-                        "state": j.state.value,
-                        "attempts": j.attempts,
-                        "priority": JobPriority(j.priority).name.lower(),
-                        "lease_owner": j.lease_owner,
-                        "outcome": j.outcome,
-                        "error": j.error,
-                        "created_at": j.created_at.isoformat(),
-                        "finished_at": j.finished_at.isoformat() if j.finished_at else None,
-                        "routing": json.loads(j.routing_json) if j.routing_json else None,
-                    }
-                    for j in own_jobs
-                ],
-                "deliveries": [
-                    {
-                        "job_id": o.job_id,
-                        "destination": o.destination,
-                        "sop_instance_uid": o.sop_instance_uid,
-                        "sop_class_uid": o.sop_class_uid,
-                        "state": o.state.value,
-                        "attempts": o.attempts,
-                        "last_status": o.last_status,
-                        "last_error": o.last_error,
-                    }
-                    for o in own_outbox
-                ],
-            }
-        )
-    return result
+    return [
+        study_entry(study, instances[study.id], jobs[study.id], outbox[study.study_instance_uid], root)
+        for study in studies
+    ]
 
 
 @dataclass(frozen=True)

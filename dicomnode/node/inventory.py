@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,63 +53,72 @@ def list_studies(sessions: sessionmaker[Session], storage_root: Path) -> list[di
                 .where(Outbox.study_instance_uid == study.study_instance_uid)
                 .order_by(Outbox.id)
             ).all()
-            latest = jobs[-1] if jobs else None
-            latest_outbox = [o for o in outbox if latest is not None and o.job_id == latest.id]
-            counts = Counter(o.state.value for o in latest_outbox)
-            pending = sum(1 for i in instances if i.job_id is None)
-            result.append(
-                {
-                    "study_instance_uid": study.study_instance_uid,
-                    "patient_id": study.patient_id,
-                    "study_date": study.study_date,
-                    "state": study_state(pending, latest, counts),
-                    "first_received_at": study.first_received_at.isoformat(),
-                    "last_received_at": study.last_received_at.isoformat(),
-                    "instances": [
-                        {
-                            "sop_instance_uid": i.sop_instance_uid,
-                            "sop_class_uid": i.sop_class_uid,
-                            "series_instance_uid": i.series_instance_uid,
-                            "transfer_syntax_uid": i.transfer_syntax_uid,
-                            "modality": i.modality,
-                            "path": str(storage_root / i.path),
-                            "size_bytes": i.size_bytes,
-                            "received_at": i.received_at.isoformat(),
-                            "job_id": i.job_id,
-                        }
-                        for i in instances
-                    ],
-                    "jobs": [
-                        {
-                            "id": j.id,
-                            "state": j.state.value,
-                            "attempts": j.attempts,
-                            "priority": JobPriority(j.priority).name.lower(),
-                            "lease_owner": j.lease_owner,
-                            "outcome": j.outcome,
-                            "error": j.error,
-                            "created_at": j.created_at.isoformat(),
-                            "finished_at": j.finished_at.isoformat() if j.finished_at else None,
-                            "routing": json.loads(j.routing_json) if j.routing_json else None,
-                        }
-                        for j in jobs
-                    ],
-                    "deliveries": [
-                        {
-                            "job_id": o.job_id,
-                            "destination": o.destination,
-                            "sop_instance_uid": o.sop_instance_uid,
-                            "sop_class_uid": o.sop_class_uid,
-                            "state": o.state.value,
-                            "attempts": o.attempts,
-                            "last_status": o.last_status,
-                            "last_error": o.last_error,
-                        }
-                        for o in outbox
-                    ],
-                }
-            )
+            result.append(study_entry(study, instances, jobs, outbox, storage_root))
     return result
+
+
+def study_entry(
+    study: Study,
+    instances: Sequence[Instance],
+    jobs: Sequence[Job],
+    outbox: Sequence[Outbox],
+    storage_root: Path,
+) -> dict[str, Any]:
+    """One study as ``studies --json`` and ``/api/studies`` show it: its state word, instances,
+    jobs (oldest first) and deliveries."""
+    latest = jobs[-1] if jobs else None
+    counts = Counter(o.state.value for o in outbox if latest is not None and o.job_id == latest.id)
+    pending = sum(1 for i in instances if i.job_id is None)
+    return {
+        "study_instance_uid": study.study_instance_uid,
+        "patient_id": study.patient_id,
+        "study_date": study.study_date,
+        "state": study_state(pending, latest, counts),
+        "first_received_at": study.first_received_at.isoformat(),
+        "last_received_at": study.last_received_at.isoformat(),
+        "instances": [
+            {
+                "sop_instance_uid": i.sop_instance_uid,
+                "sop_class_uid": i.sop_class_uid,
+                "series_instance_uid": i.series_instance_uid,
+                "transfer_syntax_uid": i.transfer_syntax_uid,
+                "modality": i.modality,
+                "path": str(storage_root / i.path),
+                "size_bytes": i.size_bytes,
+                "received_at": i.received_at.isoformat(),
+                "job_id": i.job_id,
+            }
+            for i in instances
+        ],
+        "jobs": [
+            {
+                "id": j.id,
+                "state": j.state.value,
+                "attempts": j.attempts,
+                "priority": JobPriority(j.priority).name.lower(),
+                "lease_owner": j.lease_owner,
+                "outcome": j.outcome,
+                "error": j.error,
+                "created_at": j.created_at.isoformat(),
+                "finished_at": j.finished_at.isoformat() if j.finished_at else None,
+                "routing": json.loads(j.routing_json) if j.routing_json else None,
+            }
+            for j in jobs
+        ],
+        "deliveries": [
+            {
+                "job_id": o.job_id,
+                "destination": o.destination,
+                "sop_instance_uid": o.sop_instance_uid,
+                "sop_class_uid": o.sop_class_uid,
+                "state": o.state.value,
+                "attempts": o.attempts,
+                "last_status": o.last_status,
+                "last_error": o.last_error,
+            }
+            for o in outbox
+        ],
+    }
 
 
 def node_status(sessions: sessionmaker[Session], config: Config) -> dict[str, Any]:
