@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import sys
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dicomnode.cli._output import EXIT_FAILURE, EXIT_OK, print_json
 from dicomnode.config import Config
 from dicomnode.errors import DicomNodeError
 from dicomnode.net.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+
+if TYPE_CHECKING:
+    from dicomnode.node.services import Services
 
 logger = logging.getLogger("dicomnode")
 
@@ -71,6 +76,20 @@ def _warn_open_to_everyone(config: Config) -> None:
         config.node.port,
         _config_name(config),
     )
+
+
+@contextlib.contextmanager
+def _existing_database(config: Config) -> Iterator[Services]:
+    """The node's services for a read or an operator's change; fails with what to do when the
+    database was never created (nothing is created here)."""
+    from dicomnode.node.services import open_services
+
+    _require_database(config)
+    services = open_services(config, upgrade=False)
+    try:
+        yield services
+    finally:
+        services.close()
 
 
 def _require_database(config: Config) -> None:
@@ -179,10 +198,8 @@ def _since(text: str) -> datetime:
 def cmd_purge(config: Config, args: argparse.Namespace) -> int:
     from dicomnode import audit
     from dicomnode.node.retention import candidates, purge
-    from dicomnode.node.services import open_services
 
-    services = open_services(config, upgrade=False)
-    try:
+    with _existing_database(config) as services:
         chosen = candidates(services)
         for candidate in chosen:
             print(
@@ -198,22 +215,15 @@ def cmd_purge(config: Config, args: argparse.Namespace) -> int:
             deleted = purge(services, chosen)
         finally:
             audit.shutdown()
-    finally:
-        services.close()
     print(f"deleted {deleted} studies")
     return EXIT_OK
 
 
 def cmd_studies(config: Config, args: argparse.Namespace) -> int:
     from dicomnode.node.inventory import list_studies
-    from dicomnode.node.services import open_services
 
-    _require_database(config)
-    services = open_services(config, upgrade=False)
-    try:
+    with _existing_database(config) as services:
         studies = list_studies(services.sessions, config.storage.path)
-    finally:
-        services.close()
     if args.json:
         print_json(studies)
         return EXIT_OK
@@ -231,14 +241,9 @@ def cmd_studies(config: Config, args: argparse.Namespace) -> int:
 
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
     from dicomnode.node.inventory import node_status
-    from dicomnode.node.services import open_services
 
-    _require_database(config)
-    services = open_services(config, upgrade=False)
-    try:
+    with _existing_database(config) as services:
         status = node_status(services.sessions, config)
-    finally:
-        services.close()
     if args.json:
         print_json(status)
         return EXIT_OK
@@ -327,14 +332,9 @@ def _copy_database(source: Any, args: argparse.Namespace) -> int:
 
 def cmd_retry(config: Config, args: argparse.Namespace) -> int:
     from dicomnode.node.inventory import retry
-    from dicomnode.node.services import open_services
 
-    _require_database(config)
-    services = open_services(config, upgrade=False)
-    try:
+    with _existing_database(config) as services:
         jobs, deliveries = retry(services, args.target)
-    finally:
-        services.close()
     print(f"requeued {jobs} failed jobs and {deliveries} deliveries for {args.target}")
     return EXIT_OK if jobs or deliveries else EXIT_FAILURE
 
