@@ -85,9 +85,11 @@ def postgres_server() -> Iterator[PostgresServer]:
             pytest.fail(f"{message}: CI must run the PostgreSQL contract tests")
         pytest.skip(message)
     server = PostgresServer(bin_dir)
-    server.start()
-    yield server
-    server.stop()
+    try:
+        server.start()
+        yield server
+    finally:  # also when start() fails half-way: no server outlives the session
+        server.stop()
 
 
 @pytest.fixture(params=BACKENDS)
