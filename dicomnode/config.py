@@ -212,6 +212,8 @@ class RouteConfig:
     # instances a complete study holds: a number, or "header" for Number of Study Related Instances
     expected_instances: int | Literal["header"] | None = None
     max_wait_seconds: float | None = None  # the ceiling: start however incomplete
+    # models run on the same images for comparison only: findings stored, nothing sent (docs/models.md)
+    shadow: tuple[str, ...] = ()
 
     @property
     def has_requirements(self) -> bool:
@@ -587,13 +589,34 @@ def _route_match(item: Mapping[str, Any], where: str) -> tuple[dict[str, tuple[s
     return match, regex
 
 
+def _shadow_models(item: Mapping[str, Any], where: str) -> tuple[str, ...]:
+    """A route's ``shadow`` list: models (``NAME`` or ``NAME@VERSION``) other than its own, once each."""
+    raw = item.get("shadow", [])
+    if not isinstance(raw, list):
+        raise ConfigurationError(
+            f"{where}.shadow", 'must be a list of models, e.g. ["pneumonia-xception@0.4"]'
+        )
+    models: list[str] = []
+    for index, name in enumerate(raw):
+        key = f"{where}.shadow[{index}]"
+        if not isinstance(name, str) or not name.strip():
+            raise ConfigurationError(key, f"must be a model name (NAME or NAME@VERSION); got {name!r}")
+        name = name.strip()
+        if name == str(item.get("model", "")).strip():
+            raise ConfigurationError(key, f"{name!r} is the route's own model; a shadow must be another one")
+        if name in models:
+            raise ConfigurationError(key, f"{name!r} is listed twice")
+        models.append(name)
+    return tuple(models)
+
+
 def _routes(value: Any) -> tuple[RouteConfig, ...]:
     if not isinstance(value, list):
         raise ConfigurationError("routes", "must be an array of tables ([[routes]])")
     routes = []
     allowed = {
         "name", "model", *ROUTE_LIST_KEYS, *ROUTE_REGEX_KEYS,
-        "required_series", "expected_instances", "max_wait_seconds",
+        "required_series", "expected_instances", "max_wait_seconds", "shadow",
     }  # fmt: skip
     for i, item in enumerate(value):
         where = f"routes[{i}]"
@@ -638,6 +661,7 @@ def _routes(value: Any) -> tuple[RouteConfig, ...]:
                 max_wait_seconds=top.number("max_wait_seconds", low=0.0, high=86400.0)
                 if "max_wait_seconds" in item
                 else None,
+                shadow=_shadow_models(item, where),
             )
         )
     names = [r.name for r in routes]

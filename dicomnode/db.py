@@ -168,8 +168,13 @@ class Result(Base):
     findings_json: Mapped[str] = mapped_column(Text)
     objects_json: Mapped[str | None] = mapped_column(Text)  # the DICOM objects built: uids, class, path
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    # "reporting" (its objects go to the PACS) or "shadow" (findings stored for comparison only)
+    role: Mapped[str] = mapped_column(String(16), default="reporting", server_default="reporting")
+    error: Mapped[str | None] = mapped_column(Text)  # why a shadow model produced no findings
 
-    __table_args__ = (UniqueConstraint("job_id", "model_name", name="uq_results_job_model"),)
+    __table_args__ = (
+        UniqueConstraint("job_id", "model_name", "model_version", name="uq_results_job_model_version"),
+    )
 
 
 class Outbox(Base):

@@ -80,6 +80,11 @@ def _metrics() -> dict[str, Any]:
             ["model", "version"],
             buckets=LATENCY_BUCKETS,
         ),
+        "shadow_runs": Counter(
+            "dicomnode_shadow_runs",
+            "Shadow model runs on a job (findings stored, nothing sent), by model and outcome (ok, error)",
+            ["model", "version", "outcome"],
+        ),
         "delivery_attempts": Counter(
             "dicomnode_delivery_attempts",
             "C-STORE attempts to a destination, by outcome (a DIMSE status name, or no-status-<verdict>)",
@@ -118,6 +123,11 @@ def job_finished(model: str, version: str, seconds: float) -> None:
 def model_inference(model: str, version: str, seconds: float) -> None:
     """One model pass over a batch took ``seconds``."""
     _safely("inference", (model, version), seconds)
+
+
+def shadow_run(model: str, version: str, outcome: str) -> None:
+    """One shadow model's run on one job ended (``ok`` or ``error``)."""
+    _safely("shadow_runs", (model, version, outcome))
 
 
 def delivery_attempt(destination: str, status: int | None, verdict: str) -> None:

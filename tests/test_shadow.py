@@ -1,13 +1,29 @@
-"""Model versioning: two versions of a model installed side by side, a route naming one by version."""
+"""Model versioning and shadow mode: two versions of a model side by side, a route naming one by
+version and running another as its shadow (stored, compared, never sent)."""
 
 from __future__ import annotations
 
+import json
+import threading
+from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
+import pydicom
 import pytest
+from conftest import make_config
+from pydicom.uid import generate_uid
+from sqlalchemy import select
 
-from dicomnode.errors import ModelUnavailableError
+from dicomnode.cli import main
+from dicomnode.config import Config, config_from_mapping
+from dicomnode.db import Job, JobState, Outbox, Result
+from dicomnode.errors import ConfigurationError, ModelUnavailableError
+from dicomnode.findings import StudyFindings
+from dicomnode.node.services import Services, open_services
+from dicomnode.queue.jobs import InstanceRecord
 from dicomnode.work.inference import ModelRegistry
+from dicomnode.work.pipeline import Worker
 
 REPO_CARD = Path(__file__).resolve().parents[1] / "models" / "pneumonia-xception" / "model.toml"
 
@@ -34,3 +50,229 @@ def test_two_versions_side_by_side_are_named_by_version(tmp_path: Path) -> None:
     assert registry.package("pneumonia-xception").card.version == "0.3.0"
     with pytest.raises(ModelUnavailableError, match=r"version '9\.9'"):
         registry.package("pneumonia-xception@9.9")
+
+
+# --- shadow mode: a route's shadow models run on the same images, stored, never sent -----------------
+
+REPO_MODEL = REPO_CARD.parent
+needs_model = pytest.mark.skipif(
+    not (REPO_MODEL / "weights.pt").is_file(), reason="the default model's weights are not installed"
+)
+DESTINATION = {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}
+
+
+def install_real_version(models: Path, folder: str, version: str) -> None:
+    """The default model under another version: its card copied, its weights and gate linked."""
+    target = models / folder
+    target.mkdir(parents=True)
+    text = REPO_CARD.read_text(encoding="utf-8").replace('version = "0.3.0"', f'version = "{version}"', 1)
+    assert f'version = "{version}"' in text
+    (target / "model.toml").write_text(text, encoding="utf-8")
+    for name in ("weights.pt", "ood-features.npz"):
+        if (REPO_MODEL / name).is_file():
+            (target / name).symlink_to(REPO_MODEL / name)
+
+
+def store_file(services: Services, path: Path) -> str:
+    """Store one file as a study of its own, as the listener would; returns its study UID."""
+    ds = pydicom.dcmread(path)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    store = services.store()
+    relative = store.relative_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    stored = store.write(relative, buffer.getvalue())
+    services.queue.record_instance(
+        InstanceRecord(
+            str(ds.SOPInstanceUID),
+            str(ds.SOPClassUID),
+            str(ds.StudyInstanceUID),
+            str(ds.SeriesInstanceUID),
+            str(ds.file_meta.TransferSyntaxUID),
+            relative,
+            stored.size_bytes,
+            modality=str(ds.Modality),
+        )
+    )
+    return str(ds.StudyInstanceUID)
+
+
+@dataclass
+class ShadowedNode:
+    """A node that ran its worker once over a few chest studies with a shadow on its route."""
+
+    root: Path
+    config: Config
+    config_file: Path
+    studies: list[str]
+    results: list[Result]
+    outbox: list[Outbox]
+    jobs: list[Job]
+
+
+def run_node(root: Path, models: Path, chests: list[Path], shadow: list[str]) -> ShadowedNode:
+    """Store ``chests`` (a study each), run a burst worker, and read back its rows."""
+    route = {"name": "chest", "model": "pneumonia-xception", "modality": ["CR", "DX"], "shadow": shadow}
+    config = make_config(
+        root,
+        models={"path": str(models)},
+        routes=[route],
+        destinations=[DESTINATION],
+        worker={"poll_interval_seconds": 0.05},
+    )
+    config_file = root / "config.toml"
+    config_file.write_text(
+        f'[storage]\npath = "{root / "var"}"\ndatabase_url = "sqlite:///{root / "var" / "dicomnode.db"}"\n'
+        f'[models]\npath = "{models}"\n',
+        encoding="utf-8",
+    )
+    services = open_services(config, upgrade=True)
+    try:
+        studies = [store_file(services, chest) for chest in chests]
+        worker = Worker(config, services)
+        try:
+            worker.run(threading.Event(), burst=True)
+        finally:
+            worker.close()
+        with services.sessions() as session:
+            results = list(session.scalars(select(Result).order_by(Result.id)))
+            outbox = list(session.scalars(select(Outbox)))
+            jobs = list(session.scalars(select(Job)))
+            session.expunge_all()
+    finally:
+        services.close()
+    return ShadowedNode(root, config, config_file, studies, results, outbox, jobs)
+
+
+@pytest.fixture(scope="module")
+def chests(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    from dicomnode.lifecycle.demo import write_demo_dataset
+
+    root = tmp_path_factory.mktemp("chests")
+    write_demo_dataset(root)
+    return sorted(root.glob("*.dcm"))
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default model twice: 0.3.0 (its own folder) and 0.4.0 (same weights, another folder)."""
+    folder = tmp_path_factory.mktemp("models")
+    install_real_version(folder, "pneumonia-xception", "0.3.0")
+    install_real_version(folder, "pneumonia-xception-next", "0.4.0")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def shadowed(tmp_path_factory: pytest.TempPathFactory, models: Path, chests: list[Path]) -> ShadowedNode:
+    return run_node(tmp_path_factory.mktemp("node"), models, chests[:4], ["pneumonia-xception@0.4.0"])
+
+
+def test_a_route_names_its_shadows_and_each_is_checked(tmp_path: Path) -> None:
+    """`shadow` is a list of other models; a bad entry is named by its index, the route's own
+    model is refused as its shadow."""
+    base = {"name": "chest", "model": "pneumonia-xception", "modality": ["CR"]}
+    config = config_from_mapping(
+        {"routes": [{**base, "shadow": ["pneumonia-xception@0.4"]}]}, base_dir=tmp_path
+    )
+    assert config.routes[0].shadow == ("pneumonia-xception@0.4",)
+    assert config_from_mapping({"routes": [base]}, base_dir=tmp_path).routes[0].shadow == ()
+    cases = {
+        "routes[0].shadow[1]": ["a@1", 3],
+        "routes[0].shadow[0]": ["pneumonia-xception"],
+        "routes[0].shadow": "pneumonia-xception@0.4",
+    }
+    for key, shadow in cases.items():
+        with pytest.raises(ConfigurationError) as caught:
+            config_from_mapping({"routes": [{**base, "shadow": shadow}]}, base_dir=tmp_path)
+        assert caught.value.key == key
+    with pytest.raises(ConfigurationError, match="listed twice"):
+        config_from_mapping({"routes": [{**base, "shadow": ["a@1", "a@1"]}]}, base_dir=tmp_path)
+
+
+@needs_model
+def test_the_shadow_runs_on_the_same_images_is_stored_and_never_sent(shadowed: ShadowedNode) -> None:
+    """Each job has a reporting row (0.3.0, with objects) and a shadow row (0.4.0, findings only,
+    same probabilities: same weights); outbox rows and SR name only the reporting model."""
+    assert {job.state for job in shadowed.jobs} == {JobState.DONE}
+    assert len(shadowed.results) == 2 * len(shadowed.studies)
+    by_job: dict[int, dict[str, Result]] = {}
+    for row in shadowed.results:
+        by_job.setdefault(row.job_id, {})[row.role] = row
+    reported_uids = set()
+    for rows in by_job.values():
+        reporting, shadow = rows["reporting"], rows["shadow"]
+        assert (reporting.model_name, reporting.model_version) == ("pneumonia-xception", "0.3.0")
+        assert (shadow.model_name, shadow.model_version) == ("pneumonia-xception", "0.4.0")
+        assert shadow.error is None and shadow.objects_json is None
+        a, b = StudyFindings.from_json(reporting.findings_json), StudyFindings.from_json(shadow.findings_json)
+        assert [i.sop_instance_uid for i in a.images] == [i.sop_instance_uid for i in b.images]
+        assert [f.probability for f in a.study_findings] == pytest.approx(
+            [f.probability for f in b.study_findings]
+        )
+        assert all(image.heatmaps == {} for image in b.images)  # findings only: no heat maps either
+        reported_uids |= {obj["sop_instance_uid"] for obj in json.loads(reporting.objects_json or "[]")}
+    assert reported_uids and {row.sop_instance_uid for row in shadowed.outbox} == reported_uids
+    assert len(shadowed.outbox) == len(reported_uids)  # one destination
+    files = sorted(shadowed.config.storage.results_path.rglob("*.dcm"))
+    assert len(files) == len(reported_uids)  # nothing built for the shadow
+    shadow_identity = StudyFindings.from_json(by_job[shadowed.jobs[0].id]["shadow"].findings_json).model
+    for path in files:
+        ds = pydicom.dcmread(path)
+        text = str(ds)
+        assert "0.4.0" not in str(ds.get("SoftwareVersions", "")) and "pneumonia-xception 0.4.0" not in text
+        assert shadow_identity.device_observer_uid not in text
+    (sr,) = [pydicom.dcmread(p) for p in files if p.name.startswith("sr-") and shadowed.studies[0] in str(p)]
+    assert sr.SoftwareVersions == "0.3.0"
+
+
+@needs_model
+def test_compare_finds_identical_weights_in_full_agreement(
+    shadowed: ShadowedNode, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`dicomnode compare` over the reporting model and its shadow: agreement 1, correlation 1,
+    mean difference 0; with labels, both AUROCs are the same number."""
+    args = [
+        "--config",
+        str(shadowed.config_file),
+        "compare",
+        "pneumonia-xception@0.3.0",
+        "pneumonia-xception@0.4.0",
+    ]
+    capsys.readouterr()
+    assert main([*args, "--since", "1h", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["jobs"] == len(shadowed.studies)
+    (label,) = result["labels"]
+    assert label["label"] == "pneumonia" and label["images"] == len(shadowed.studies) == label["studies"]
+    assert label["agreement"] == 1.0
+    assert label["pearson"] == pytest.approx(1.0) and label["spearman"] == pytest.approx(1.0)
+    assert label["mean_absolute_difference"] == pytest.approx(0.0, abs=1e-6)
+    assert label["auroc_a"] is None
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "agreement of the positive decision 1.000" in text and "no labels" in text
+    labels = shadowed.root / "labels.csv"
+    rows = ["study_instance_uid,pneumonia"] + [f"{uid},{i % 2}" for i, uid in enumerate(shadowed.studies)]
+    labels.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    assert main([*args, "--labels", str(labels), "--json"]) == 0
+    (label,) = json.loads(capsys.readouterr().out)["labels"]
+    assert label["labelled_images"] == len(shadowed.studies)
+    assert label["auroc_a"] is not None and label["auroc_a"] == pytest.approx(label["auroc_b"])
+
+
+@needs_model
+def test_a_missing_shadow_leaves_the_job_done_and_delivered_with_its_error(
+    tmp_path: Path, models: Path, chests: list[Path]
+) -> None:
+    """A shadow version that is not installed costs nothing but its own row, which says why."""
+    node = run_node(tmp_path, models, chests[:1], ["pneumonia-xception@9.9"])
+    (job,) = node.jobs
+    assert job.state == JobState.DONE and job.outcome == "reported"
+    reporting, shadow = sorted(node.results, key=lambda r: r.role)
+    assert reporting.role == "reporting" and reporting.error is None
+    assert shadow.role == "shadow" and (shadow.model_name, shadow.model_version) == (
+        "pneumonia-xception",
+        "9.9",
+    )
+    assert "version '9.9'" in (shadow.error or "") and shadow.objects_json is None
+    assert node.outbox and all(row.job_id == job.id for row in node.outbox)

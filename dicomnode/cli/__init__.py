@@ -48,12 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default=argparse.SUPPRESS, choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
 
-    from dicomnode.cli import lifecycle, models, node, ood
+    from dicomnode.cli import compare, lifecycle, models, node, ood
 
     node.add_commands(sub, common)
     models.add_commands(sub, common)
     lifecycle.add_commands(sub, common)
     ood.add_commands(sub, common)
+    compare.add_commands(sub, common)
     return parser
 
 

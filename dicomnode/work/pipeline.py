@@ -42,6 +42,7 @@ from dicomnode.work.inference import (
     route_files,
 )
 from dicomnode.work.results import DISPLAY_MAX_SIZE, JobWork, ResultWriter
+from dicomnode.work.shadow import ShadowRunner
 from dicomnode.work.watchdog import Backoff, Watchdog
 
 logger = logging.getLogger(__name__)
@@ -128,10 +129,14 @@ class Worker:
         self._pending: Future[None] | None = None  # the chunk the reporter is finishing
         self._late: list[tuple[JobWork, int]] = []  # jobs left behind by their chunk, watchdog tokens
         self.completeness = CompletenessTracker(config, services.queue)
+        # shadow models (a route's ``shadow`` list): stored for comparison, never sent
+        self.shadows = ShadowRunner(config, self.registry, self.writer.results, pool=pool)
+        self._has_shadows = any(route.shadow for route in config.routes)
 
     def close(self) -> None:
         """Stop the watchdog and the threads and processes this worker started."""
         self.watchdog.close()
+        self.shadows.close()
         self.store.close()
         for executor in (self._builders, self._images):
             if executor is not None:
@@ -198,6 +203,10 @@ class Worker:
                 self._finish_pending()
                 self._pending = reporter.submit(self._report, works, token)
                 submitted = index + 1
+                if self._has_shadows:  # while the reporter commits; stored once it has
+                    self.shadows.run(works, self._finish_pending)
+                    for later, _ in stages[index + 1 :]:  # the shadows' time is not theirs
+                        self.watchdog.rearm(later, timeout)
         except BaseException:
             for token, _ in stages[submitted:]:  # chunks never handed to the reporter
                 self.watchdog.clear(token)

@@ -58,6 +58,7 @@ class JobWork:
     timings: dict[str, float] = field(default_factory=dict)
     batch_size: int = 1  # jobs whose images shared the model and heat-map passes
     decoding: list[Future[None]] = field(default_factory=list)  # the images' decodes in flight
+    reported: bool = False  # its results committed (the job done): its shadow models may be stored
 
     def decoded(self) -> bool:
         """Whether every image's decode has ended (decoded, failed or timed out)."""
@@ -172,6 +173,7 @@ class ResultWriter:
         except Exception as exc:
             self.fail_building(work, exc)
             return
+        work.reported = True
         for findings, _objects in result.outputs:
             metrics.job_finished(findings.model.name, findings.model.version, sum(work.timings.values()))
         log_job(work, result.outputs)

@@ -33,9 +33,17 @@ class RouteDecision:
     route: str | None
     model: str | None
     reason: str
+    shadow: tuple[str, ...] = ()  # the route's shadow models: run for comparison, never reported
 
-    def to_dict(self) -> dict[str, str | None]:
-        return {"route": self.route, "model": self.model, "reason": self.reason}
+    def to_dict(self) -> dict[str, str | list[str] | None]:
+        shown: dict[str, str | list[str] | None] = {
+            "route": self.route,
+            "model": self.model,
+            "reason": self.reason,
+        }
+        if self.shadow:
+            shown["shadow"] = list(self.shadow)
+        return shown
 
 
 def _values(header: Dataset, keyword: str) -> list[str]:
@@ -93,7 +101,12 @@ def route_image(
     for route in routes:
         why_not = _check(route, header, calling_ae_title)
         if why_not is None:
-            return RouteDecision(route=route.name, model=route.model, reason=f"matched route {route.name!r}")
+            return RouteDecision(
+                route=route.name,
+                model=route.model,
+                reason=f"matched route {route.name!r}",
+                shadow=route.shadow,
+            )
         misses.append(f"{route.name}: {why_not}")
     if not routes:
         return RouteDecision(route=None, model=None, reason="no routes are configured")
