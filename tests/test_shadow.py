@@ -6,18 +6,22 @@ from __future__ import annotations
 import json
 import threading
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from io import BytesIO
 from pathlib import Path
 
 import pydicom
 import pytest
+import sqlalchemy as sa
 from conftest import make_config
 from pydicom.uid import generate_uid
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 
+from dicomnode import migrate
 from dicomnode.cli import main
 from dicomnode.config import Config, config_from_mapping
-from dicomnode.db import Job, JobState, Outbox, Result
+from dicomnode.db import Job, JobState, Outbox, Result, UTCDateTime, make_engine
 from dicomnode.errors import ConfigurationError, ModelUnavailableError
 from dicomnode.findings import StudyFindings
 from dicomnode.node.services import Services, open_services
@@ -276,3 +280,79 @@ def test_a_missing_shadow_leaves_the_job_done_and_delivered_with_its_error(
     )
     assert "version '9.9'" in (shadow.error or "") and shadow.objects_json is None
     assert node.outbox and all(row.job_id == job.id for row in node.outbox)
+
+
+def test_migration_0003_keys_results_by_version_and_keeps_old_rows(database_url: str) -> None:
+    """On SQLite and PostgreSQL: a row from before 0003 becomes a reporting row; two versions of one
+    model then fit in one job; going back to 0002 removes the shadow rows and restores the old key."""
+    now = datetime.now(UTC)
+    studies = sa.table(
+        "studies",
+        sa.column("id"),
+        sa.column("study_instance_uid"),
+        sa.column("first_received_at", UTCDateTime()),
+        sa.column("last_received_at", UTCDateTime()),
+    )
+    jobs = sa.table(
+        "jobs",
+        sa.column("id"),
+        sa.column("study_id"),
+        sa.column("state"),
+        sa.column("attempts"),
+        sa.column("max_attempts"),
+        sa.column("created_at", UTCDateTime()),
+        sa.column("updated_at", UTCDateTime()),
+        sa.column("not_before", UTCDateTime()),
+    )
+    results = sa.table(
+        "results",
+        sa.column("id"),
+        sa.column("job_id"),
+        sa.column("model_name"),
+        sa.column("model_version"),
+        sa.column("findings_json"),
+        sa.column("created_at", UTCDateTime()),
+    )
+    engine = make_engine(database_url)
+    try:
+        migrate.upgrade(engine, "0002")
+        with engine.begin() as connection:
+            connection.execute(
+                studies.insert().values(
+                    id=1, study_instance_uid="1.2.3", first_received_at=now, last_received_at=now
+                )
+            )
+            connection.execute(
+                jobs.insert().values(
+                    id=1,
+                    study_id=1,
+                    state="done",
+                    attempts=1,
+                    max_attempts=3,
+                    created_at=now,
+                    updated_at=now,
+                    not_before=now,
+                )
+            )
+            row = {"job_id": 1, "model_name": "m", "findings_json": "{}", "created_at": now}
+            connection.execute(results.insert().values(id=1, model_version="1", **row))
+        migrate.upgrade(engine)
+        with engine.begin() as connection:
+            assert connection.execute(sa.text("SELECT role, error FROM results")).one() == ("reporting", None)
+            connection.execute(
+                sa.text(
+                    "INSERT INTO results (id, job_id, model_name, model_version, findings_json, "
+                    "created_at, role) VALUES (2, 1, 'm', '2', '{}', :now, 'shadow')"
+                ),
+                {"now": now},
+            )
+        with pytest.raises(IntegrityError), engine.begin() as connection:  # the same version twice
+            connection.execute(results.insert().values(id=3, model_version="2", **row))
+        migrate.check(engine)
+        migrate.downgrade(engine, "0002")
+        with engine.begin() as connection:
+            assert connection.execute(sa.text("SELECT id FROM results")).scalars().all() == [1]
+        with pytest.raises(IntegrityError), engine.begin() as connection:  # the old key is back
+            connection.execute(results.insert().values(id=4, model_version="3", **row))
+    finally:
+        engine.dispose()
