@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -356,3 +357,73 @@ def test_migration_0003_keys_results_by_version_and_keeps_old_rows(database_url:
             connection.execute(results.insert().values(id=4, model_version="3", **row))
     finally:
         engine.dispose()
+
+
+@needs_model
+def test_studies_and_status_show_shadow_results(
+    shadowed: ShadowedNode, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`studies --json` lists each job's results with their role; `status --json` counts shadow runs."""
+    capsys.readouterr()
+    assert main(["--config", str(shadowed.config_file), "studies", "--json"]) == 0
+    studies = json.loads(capsys.readouterr().out)
+    for study in studies:
+        (job,) = study["jobs"]
+        roles = {(r["role"], r["model_version"]) for r in job["results"]}
+        assert roles == {("reporting", "0.3.0"), ("shadow", "0.4.0")}
+        assert all(r["study_findings"][0]["label"] == "pneumonia" for r in job["results"])
+    assert main(["--config", str(shadowed.config_file), "status", "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    count = len(shadowed.studies)
+    assert status["results"] == {"reporting": count, "shadow": count, "shadow_errors": 0}
+
+
+def test_a_hanging_shadow_is_recorded_after_the_job_is_delivered_and_ends_the_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shadow past job_timeout_seconds: the job is already done with its outbox rows, the shadow's
+    row says it timed out, and the worker asks to exit (a hung model thread cannot be stopped)."""
+    from test_worker import MeanSlope, store_series, write_package
+
+    import dicomnode.work.shadow as shadow_module
+    from dicomnode.work.watchdog import EXIT_WATCHDOG
+
+    write_package(tmp_path / "models" / "ct-a", MeanSlope())
+    write_package(tmp_path / "models" / "ct-b", MeanSlope())
+    release = threading.Event()
+    real_predict = shadow_module.predict
+
+    def hanging(images: list[Any], registry: Any, **kwargs: Any) -> dict[str, float]:
+        if any(image.decision.model == "ct-b" for image in images):
+            release.wait(30)  # a model stuck in its forward pass
+        return real_predict(images, registry, **kwargs)
+
+    monkeypatch.setattr(shadow_module, "predict", hanging)
+    config = make_config(
+        tmp_path,
+        models={"path": str(tmp_path / "models")},
+        routes=[{"name": "ct", "model": "ct-a", "modality": ["CT"], "shadow": ["ct-b"]}],
+        destinations=[DESTINATION],
+        worker={"poll_interval_seconds": 0.05, "job_timeout_seconds": 2, "decode_timeout_seconds": 1},
+    )
+    services = open_services(config, upgrade=True)
+    exits: list[int] = []
+    try:
+        store_series(services, 4)
+        worker = Worker(config, services)
+        worker.shadows.exit_process = exits.append
+        try:
+            worker.run(threading.Event(), burst=True)
+        finally:
+            release.set()
+            worker.close()
+        with services.sessions() as session:
+            (job,) = session.scalars(select(Job)).all()
+            rows = {r.role: r for r in session.scalars(select(Result))}
+            outbox = session.scalars(select(Outbox)).all()
+    finally:
+        services.close()
+    assert job.state == JobState.DONE and outbox
+    assert rows["reporting"].model_name == "ct-a" and rows["reporting"].error is None
+    assert rows["shadow"].model_name == "ct-b" and "timed out after 2 s" in (rows["shadow"].error or "")
+    assert exits == [EXIT_WATCHDOG]

@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.config import Config
-from dicomnode.db import DeliveryState, Instance, Job, JobPriority, JobState, Outbox, Study
+from dicomnode.db import DeliveryState, Instance, Job, JobPriority, JobState, Outbox, Result, Study
 from dicomnode.node.process import read_runtime_state
 from dicomnode.node.services import Services
 from dicomnode.queue.outbox import OutboxQueue
@@ -53,7 +53,10 @@ def list_studies(sessions: sessionmaker[Session], storage_root: Path) -> list[di
                 .where(Outbox.study_instance_uid == study.study_instance_uid)
                 .order_by(Outbox.id)
             ).all()
-            result.append(study_entry(study, instances, jobs, outbox, storage_root))
+            results = session.scalars(
+                select(Result).where(Result.job_id.in_([j.id for j in jobs])).order_by(Result.id)
+            ).all()
+            result.append(study_entry(study, instances, jobs, outbox, storage_root, results))
     return result
 
 
@@ -63,9 +66,11 @@ def study_entry(
     jobs: Sequence[Job],
     outbox: Sequence[Outbox],
     storage_root: Path,
+    results: Sequence[Result] | None = None,
 ) -> dict[str, Any]:
     """One study as ``studies --json`` and ``/api/studies`` show it: its state word, instances,
-    jobs (oldest first) and deliveries."""
+    jobs (oldest first) and deliveries; with ``results``, each job's models (``role`` "shadow" for
+    a shadow model's findings, which are stored and never sent)."""
     latest = jobs[-1] if jobs else None
     counts = Counter(o.state.value for o in outbox if latest is not None and o.job_id == latest.id)
     pending = sum(1 for i in instances if i.job_id is None)
@@ -102,6 +107,11 @@ def study_entry(
                 "created_at": j.created_at.isoformat(),
                 "finished_at": j.finished_at.isoformat() if j.finished_at else None,
                 "routing": json.loads(j.routing_json) if j.routing_json else None,
+                **(
+                    {"results": [_result_entry(r) for r in results if r.job_id == j.id]}
+                    if results is not None
+                    else {}
+                ),
             }
             for j in jobs
         ],
@@ -117,6 +127,21 @@ def study_entry(
                 "last_error": o.last_error,
             }
             for o in outbox
+        ],
+    }
+
+
+def _result_entry(result: Result) -> dict[str, Any]:
+    """A job's result as ``studies --json`` shows it: model, role, error, study-level decisions."""
+    findings = json.loads(result.findings_json)
+    return {
+        "model_name": result.model_name,
+        "model_version": result.model_version,
+        "role": result.role,
+        "error": result.error,
+        "study_findings": [
+            {"label": f["label"], "probability": f["probability"], "present": f["present"]}
+            for f in findings.get("study_findings", [])
         ],
     }
 
@@ -163,6 +188,15 @@ def node_status(sessions: sessionmaker[Session], config: Config) -> dict[str, An
                 .group_by(Job.lease_owner)
             ).all()
         )
+        results = {"reporting": 0, "shadow": 0, "shadow_errors": 0}
+        for role, failed, count in session.execute(
+            select(Result.role, Result.error.is_not(None), func.count(Result.id)).group_by(
+                Result.role, Result.error.is_not(None)
+            )
+        ):
+            results[role] = results.get(role, 0) + count
+            if role == "shadow" and failed:
+                results["shadow_errors"] += count
         dead = session.execute(
             select(Outbox.destination, Outbox.study_instance_uid, Outbox.sop_instance_uid, Outbox.last_error)
             .where(Outbox.state == DeliveryState.DEAD)
@@ -179,6 +213,7 @@ def node_status(sessions: sessionmaker[Session], config: Config) -> dict[str, An
         "running_on": {str(owner): int(count) for owner, count in sorted(running_on.items(), key=str)},
         "deliveries": deliveries,
         "deliveries_by_destination": by_destination,
+        "results": results,  # rows by role; shadow runs (stored, never sent) and how many failed
         "dead_letters": [
             {"destination": d, "study_instance_uid": s, "sop_instance_uid": u, "reason": r}
             for d, s, u, r in dead
