@@ -133,6 +133,8 @@ def study_detail(
             "job_id": r.job_id,
             "model_name": r.model_name,
             "model_version": r.model_version,
+            "role": r.role,  # "shadow": stored for comparison, never sent
+            "error": r.error,
             "created_at": r.created_at.isoformat(),
             "findings": json.loads(r.findings_json),
             "objects": json.loads(r.objects_json) if r.objects_json else [],
