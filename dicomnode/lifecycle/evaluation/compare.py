@@ -179,14 +179,9 @@ def _pearson(x: np.ndarray, y: np.ndarray) -> float | None:
 
 def _ranks(values: np.ndarray) -> np.ndarray:
     """Ranks from 1, ties sharing their mean rank (as Spearman's coefficient needs)."""
-    order = np.argsort(values, kind="mergesort")
-    ranks = np.empty(len(values), dtype=np.float64)
-    ranks[order] = np.arange(1, len(values) + 1, dtype=np.float64)
-    for value in np.unique(values):
-        tied = values == value
-        if tied.sum() > 1:
-            ranks[tied] = ranks[tied].mean()
-    return ranks
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts).astype(np.float64)
+    return ((ends - counts + 1 + ends) / 2.0)[inverse]
 
 
 def cohen_kappa(a: Sequence[bool], b: Sequence[bool]) -> float | None:
