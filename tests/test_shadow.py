@@ -427,3 +427,46 @@ def test_a_hanging_shadow_is_recorded_after_the_job_is_delivered_and_ends_the_wo
     assert rows["reporting"].model_name == "ct-a" and rows["reporting"].error is None
     assert rows["shadow"].model_name == "ct-b" and "timed out after 2 s" in (rows["shadow"].error or "")
     assert exits == [EXIT_WATCHDOG]
+
+
+def test_a_crashing_shadow_leaves_the_job_reported_with_its_error(tmp_path: Path) -> None:
+    """A shadow whose forward pass raises: the job is done with its outbox rows, the shadow's row
+    holds the exception, and no object was built for it."""
+    from test_worker import MeanSlope, store_series, write_package
+    from torch import Tensor, nn
+
+    class Broken(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            raise RuntimeError("broken shadow")
+
+    write_package(tmp_path / "models" / "ct-a", MeanSlope())
+    write_package(tmp_path / "models" / "ct-broken", Broken())
+    config = make_config(
+        tmp_path,
+        models={"path": str(tmp_path / "models")},
+        routes=[{"name": "ct", "model": "ct-a", "modality": ["CT"], "shadow": ["ct-broken"]}],
+        destinations=[DESTINATION],
+        worker={"poll_interval_seconds": 0.05},
+    )
+    services = open_services(config, upgrade=True)
+    try:
+        store_series(services, 3)
+        worker = Worker(config, services)
+        try:
+            worker.run(threading.Event(), burst=True)
+        finally:
+            worker.close()
+        with services.sessions() as session:
+            (job,) = session.scalars(select(Job)).all()
+            rows = {r.role: r for r in session.scalars(select(Result))}
+            outbox = session.scalars(select(Outbox)).all()
+    finally:
+        services.close()
+    assert job.state == JobState.DONE and job.outcome == "reported"
+    reported = {o["sop_instance_uid"] for o in json.loads(rows["reporting"].objects_json or "[]")}
+    assert reported and {o.sop_instance_uid for o in outbox} == reported
+    assert "shadow model failed" in (rows["shadow"].error or "") and "broken shadow" in (
+        rows["shadow"].error or ""
+    )
+    assert rows["shadow"].objects_json is None
+    assert StudyFindings.from_json(rows["shadow"].findings_json).images == ()

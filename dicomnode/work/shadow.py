@@ -106,7 +106,7 @@ class ShadowRunner:
         self._thread: ThreadPoolExecutor | None = None
 
     def close(self) -> None:
-        """Stop the model thread (waits for a run in progress)."""
+        """Let the model thread end (without waiting: after a hang it never would)."""
         if self._thread is not None:
             self._thread.shutdown(wait=False)
 
@@ -126,6 +126,7 @@ class ShadowRunner:
             hung = False
         except FutureTimeout:
             hung = True
+            self._thread = None  # stuck in the model: a later run (if the exit is stubbed) gets another
             for run in runs:
                 if run.error is None:
                     run.error = f"shadow model timed out after {timeout:.0f} s; worker restarted"
