@@ -14,7 +14,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from dicomnode._toml import Table
 from dicomnode.errors import ConfigurationError
@@ -212,6 +212,9 @@ class RouteConfig:
     # instances a complete study holds: a number, or "header" for Number of Study Related Instances
     expected_instances: int | Literal["header"] | None = None
     max_wait_seconds: float | None = None  # the ceiling: start however incomplete
+    # "enforce": an image outside its model card's intended population gets no finding;
+    # "ignore": analysed anyway, the override recorded (docs/models.md, intended use)
+    intended_use: Literal["enforce", "ignore"] = "enforce"
 
     @property
     def has_requirements(self) -> bool:
@@ -593,7 +596,7 @@ def _routes(value: Any) -> tuple[RouteConfig, ...]:
     routes = []
     allowed = {
         "name", "model", *ROUTE_LIST_KEYS, *ROUTE_REGEX_KEYS,
-        "required_series", "expected_instances", "max_wait_seconds",
+        "required_series", "expected_instances", "max_wait_seconds", "intended_use",
     }  # fmt: skip
     for i, item in enumerate(value):
         where = f"routes[{i}]"
@@ -638,6 +641,9 @@ def _routes(value: Any) -> tuple[RouteConfig, ...]:
                 max_wait_seconds=top.number("max_wait_seconds", low=0.0, high=86400.0)
                 if "max_wait_seconds" in item
                 else None,
+                intended_use=cast(
+                    Literal["enforce", "ignore"], top.choice("intended_use", ("enforce", "ignore"), "enforce")
+                ),
             )
         )
     names = [r.name for r in routes]
