@@ -207,8 +207,11 @@ def _store(services: Services, path: Path) -> str:
     return str(ds.StudyInstanceUID)
 
 
-def _run_worker(config: Config, paths: dict[str, Path]) -> dict[str, dict[str, Any]]:
-    """Each file as a study through one worker burst; per name its job, routing, findings and files."""
+def _run_worker(
+    config: Config, paths: dict[str, Path], pages: dict[str, str] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Each file as a study through one worker burst; per name its job, routing, findings and files
+    (and, with ``pages``, the dashboard's study page)."""
     services = open_services(config, upgrade=True)
     try:
         studies = {name: _store(services, path) for name, path in paths.items()}
@@ -238,6 +241,14 @@ def _run_worker(config: Config, paths: dict[str, Path]) -> dict[str, dict[str, A
                     "sr": sorted(folder.rglob("sr-*.dcm")),
                     "key_images": sorted(folder.rglob("key-image-*.dcm")),
                 }
+        if pages is not None:
+            from starlette.testclient import TestClient
+
+            from dicomnode.http.app import create_app
+
+            with TestClient(create_app(config, services.sessions, check_listener=False)) as client:
+                for name, uid in studies.items():
+                    pages[name] = client.get(f"/studies/{uid}").text
     finally:
         services.close()
     return out
@@ -263,7 +274,8 @@ def test_the_worker_refuses_images_outside_the_intended_population(
     config = make_config(
         tmp_path, models={"path": str(models)}, routes=[CHEST_ROUTE], worker={"poll_interval_seconds": 0.05}
     )
-    out = _run_worker(config, files)
+    pages: dict[str, str] = {}
+    out = _run_worker(config, files, pages)
     refused = {
         "adult chest CR (RG1, 64 y by birth date)": "patient age 64 y outside 1-6 y",
         "034Y": "patient age 34 y outside 1-6 y",
@@ -303,6 +315,7 @@ def test_the_worker_refuses_images_outside_the_intended_population(
         (key_path,) = result["key_images"]
         comments = str(pydicom.dcmread(key_path, stop_before_pixels=True).ImageComments)
         assert "not analysed" in comments and "%" not in comments
+        assert f"not analysed: {REFUSED_OUTSIDE_INTENDED_USE}" in pages[name]  # the dashboard says it
         assert all(part in comments for part in detail.split("; "))
         if shutil.which("dciodvfy") is not None and name in ("034Y", "adult lateral"):
             assert dciodvfy_errors(sr_path) == [] and dciodvfy_errors(key_path) == []
