@@ -14,7 +14,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from dicomnode._toml import Table
 from dicomnode.errors import ConfigurationError
@@ -214,6 +214,9 @@ class RouteConfig:
     max_wait_seconds: float | None = None  # the ceiling: start however incomplete
     # models run on the same images for comparison only: findings stored, nothing sent (docs/models.md)
     shadow: tuple[str, ...] = ()
+    # "enforce": an image outside its model card's intended population gets no finding;
+    # "ignore": analysed anyway, the override recorded (docs/models.md, intended use)
+    intended_use: Literal["enforce", "ignore"] = "enforce"
 
     @property
     def has_requirements(self) -> bool:
@@ -616,7 +619,7 @@ def _routes(value: Any) -> tuple[RouteConfig, ...]:
     routes = []
     allowed = {
         "name", "model", *ROUTE_LIST_KEYS, *ROUTE_REGEX_KEYS,
-        "required_series", "expected_instances", "max_wait_seconds", "shadow",
+        "required_series", "expected_instances", "max_wait_seconds", "shadow", "intended_use",
     }  # fmt: skip
     for i, item in enumerate(value):
         where = f"routes[{i}]"
@@ -662,6 +665,9 @@ def _routes(value: Any) -> tuple[RouteConfig, ...]:
                 if "max_wait_seconds" in item
                 else None,
                 shadow=_shadow_models(item, where),
+                intended_use=cast(
+                    Literal["enforce", "ignore"], top.choice("intended_use", ("enforce", "ignore"), "enforce")
+                ),
             )
         )
     names = [r.name for r in routes]

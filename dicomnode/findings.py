@@ -68,6 +68,16 @@ class ModelIdentity:
     not_for_clinical_use: bool = True
 
 
+# The kinds of refusal (an image that gets no finding), the start of ImageFindings.refusal
+REFUSED_OUT_OF_DISTRIBUTION = "refused: out-of-distribution"  # the model's OOD gate (models/ood.py)
+REFUSED_OUTSIDE_INTENDED_USE = "refused: outside-intended-use"  # the card's population (work/intended.py)
+
+
+def refusal_kind(refusal: str) -> str:
+    """``refused: outside-intended-use`` of ``refused: outside-intended-use (view LL not in AP/PA)``."""
+    return refusal.split(" (", 1)[0]
+
+
 @dataclass(frozen=True)
 class ImageFindings:
     """The findings on one source image (one SOP instance, optionally one frame)."""
@@ -80,7 +90,8 @@ class ImageFindings:
     frame_number: int | None = None
     # label -> path of a float32 .npy heat map (rows x columns of the source image, 0..1)
     heatmaps: dict[str, str] = field(default_factory=dict)
-    # why the model's findings were withheld, e.g. "refused: out-of-distribution (...)"; None if not
+    # why the model's findings were withheld, e.g. "refused: out-of-distribution (...)" or
+    # "refused: outside-intended-use (...)"; None if not
     refusal: str | None = None
 
 

@@ -72,6 +72,10 @@ def _forced_chest(name: str, path: Path) -> Path:
     ds = pydicom.dcmread(get_testdata_file(name))
     ds.BodyPartExamined = "CHEST"
     ds.ViewPosition = "PA"
+    # no age: the gate, not the intended-use check (these are adults), must refuse them here
+    for keyword in ("PatientAge", "PatientBirthDate"):
+        if keyword in ds:
+            delattr(ds, keyword)
     return _save(ds, path)
 
 

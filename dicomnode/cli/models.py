@@ -14,21 +14,10 @@ from typing import TYPE_CHECKING, Any
 from dicomnode.cli._output import EXIT_FAILURE, EXIT_OK, print_json
 from dicomnode.config import Config
 from dicomnode.errors import ConfigurationError, ModelUnavailableError
+from dicomnode.models import install_hint
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
-
-
-def install_hint(model: str) -> str:
-    """What to do about a missing model: install-default only for the default model, else name the others."""
-    from dicomnode.models import DEFAULT_MODEL_NAME
-
-    if model == DEFAULT_MODEL_NAME:
-        return "install it with: dicomnode models install-default"
-    return (
-        "`dicomnode models list` shows the installed ones; copy the package folder (with its model.toml "
-        "and weights) into models.path, or give the package folder's path"
-    )
 
 
 def package_path(config: Config, model: str) -> Path:
@@ -211,8 +200,8 @@ def cmd_infer(config: Config, args: argparse.Namespace) -> int:
         reason = None if image.decision.model else image.decision.reason
         if image.decision.model and image.error:
             reason = image.error
-        if image.ood is not None and image.refused:  # the model's OOD gate withheld its findings
-            reason = image.ood.reason
+        if image.refusal is not None:  # outside the card's intended use, or refused by the OOD gate
+            reason = image.refusal
         results.append(
             {
                 "file": name,
@@ -256,6 +245,7 @@ def cmd_explain(config: Config, args: argparse.Namespace) -> int:
     from dicomnode.imaging.overlay import blend_heatmap
     from dicomnode.sandbox import DecodePool
     from dicomnode.work.inference import ImageInput, ModelRegistry, compute_heatmaps, predict
+    from dicomnode.work.intended import check_intended_use
     from dicomnode.work.routing import RouteDecision
 
     path = package_path(config, args.model)
@@ -270,6 +260,10 @@ def cmd_explain(config: Config, args: argparse.Namespace) -> int:
     image = ImageInput(
         0, Path(args.file), read_header(args.file), RouteDecision("explain", path.name, "explain")
     )
+    intended = check_intended_use(card.applies_to, image.header)
+    if intended.outside:  # explain still draws the map (it shows the model), but says what the node does
+        detail = "; ".join(intended.outside)
+        print(f"warning: {args.file}: would be refused: {detail} (the model's intended use)", file=sys.stderr)
     with DecodePool(workers=1) as pool:
         image.array = pool.read_model_input(
             image.path, card.preprocessing, timeout_s=config.worker.decode_timeout_seconds

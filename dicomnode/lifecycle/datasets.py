@@ -12,10 +12,8 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,11 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from dicomnode.errors import DicomNodeError
+
+# the age rules are the worker's intended-use check's, so evaluation subgroups and refusals agree
+from dicomnode.work.intended import age_from_dates as age_from_dates
+from dicomnode.work.intended import header_age as _header_age
+from dicomnode.work.intended import parse_patient_age as parse_patient_age
 
 logger = logging.getLogger(__name__)
 
@@ -34,8 +37,6 @@ _RESERVED_COLUMNS = frozenset({PATH_COLUMN, UID_COLUMN, SPLIT_COLUMN})
 _LABEL_VALUES = frozenset({"0", "1", ""})
 # files under the dataset folder that are never DICOM; skipped when resolving SOP Instance UIDs
 _NOT_DICOM_SUFFIXES = frozenset({".csv", ".json", ".txt", ".md", ".html", ".png", ".jpg", ".jpeg"})
-_AGE_PATTERN = re.compile(r"^\s*(\d{1,3})\s*([DWMY])\s*$", re.IGNORECASE)
-_DAYS_PER_UNIT = {"D": 1.0, "W": 7.0, "M": 365.25 / 12.0, "Y": 365.25}
 
 
 @dataclass(frozen=True)
@@ -151,66 +152,12 @@ class DatasetReport:
         return self.to_text()
 
 
-def parse_patient_age(value: str | None) -> float | None:
-    """Years from a DICOM Age String (``'004Y'``, ``'018M'``, ``'010W'``, ``'003D'``); None if invalid."""
-    if not value:
-        return None
-    match = _AGE_PATTERN.match(str(value))
-    if match is None:
-        return None
-    return int(match.group(1)) * _DAYS_PER_UNIT[match.group(2).upper()] / 365.25
-
-
-def age_from_dates(birth_date: str | None, on_date: str | None) -> float | None:
-    """Age in years on a date from DICOM dates (``YYYYMMDD``): completed years plus the elapsed share of
-    the current year, so a child is exactly 1.0 on its first birthday. None if a date is absent, invalid
-    or the birth date is later.
-    """
-    born, on = _parse_da(birth_date), _parse_da(on_date)
-    if born is None or on is None or on < born:
-        return None
-    years = on.year - born.year - ((on.month, on.day) < (born.month, born.day))
-    last = _birthday(born, born.year + years)
-    following = _birthday(born, born.year + years + 1)
-    return years + (on - last).days / (following - last).days
-
-
-def _birthday(born: date, year: int) -> date:
-    """The birthday in ``year``; 29 February becomes 28 February in common years."""
-    try:
-        return born.replace(year=year)
-    except ValueError:
-        return born.replace(year=year, day=28)
-
-
-def _parse_da(value: str | None) -> date | None:
-    text = str(value or "").strip()
-    if len(text) != 8 or not text.isdigit():
-        return None
-    try:
-        return date(int(text[:4]), int(text[4:6]), int(text[6:]))
-    except ValueError:
-        return None
-
-
 def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
     value = ds.get(keyword)
     if value is None:
         return None
     text = str(value).strip()
     return text or None
-
-
-def _header_age(ds: pydicom.Dataset) -> float | None:
-    age = parse_patient_age(_text(ds, "PatientAge"))
-    if age is not None:
-        return age
-    birth = _text(ds, "PatientBirthDate")
-    for keyword in ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate"):
-        years = age_from_dates(birth, _text(ds, keyword))
-        if years is not None:
-            return years
-    return None
 
 
 def _read_header(path: Path) -> pydicom.Dataset:

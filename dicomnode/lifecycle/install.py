@@ -29,7 +29,7 @@ from dicomnode.errors import ModelUnavailableError
 from dicomnode.fsio import durable_write
 from dicomnode.lifecycle.keras_import import ConvertedXception, convert_keras_xception
 from dicomnode.models import DEFAULT_MODEL_NAME, ModelPackage, load_model_package
-from dicomnode.models.card import CARD_FILE_NAME
+from dicomnode.models.card import CARD_FILE_NAME, ModelCard
 from dicomnode.models.xception import Xception
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,25 @@ MEASURED_DATASET = (
     "the {total} validation JPEGs shipped in pneumonia_model_package (half normal, half bacterial "
     "pneumonia), Keras-style preprocessing from JPEG, argmax decision"
 )
-CARD_INTENDED_USE = "Research and demonstration of the dicomnode pipeline only. Not a medical device."
+# The intended population: the training cohort's children were "one to five years old" (Kermany et al.
+# 2018); a five-year-old is up to 6.0 years by birth date, so the band is 1-6 years. Nothing is known
+# below one year or above six; the worker refuses such images (docs/models.md, intended use).
+DEFAULT_PATIENT_AGE_YEARS = (1, 6)
+CARD_INTENDED_USE = (
+    "Research and demonstration of the dicomnode pipeline only. Not a medical device. Intended "
+    "population, enforced by the node from each image's header ([applies_to]): children aged 1 to 6 "
+    "years (the training cohort was 'one to five years old'; a five-year-old is up to 6.0 years by "
+    "birth date), CR or DX chest radiographs in AP or PA view. Older or younger patients and lateral "
+    "views are not analysed; an image without an age is analysed and the missing age is recorded."
+)
+APPLIES_TO_LINES = (
+    "[applies_to]",
+    'modalities = ["CR", "DX"]',
+    'body_parts = ["CHEST"]',
+    'views = ["AP", "PA"]',
+    "# the training cohort's ages in years (Kermany et al. 2018); see [card] intended_use",
+    f"patient_age_years = [{DEFAULT_PATIENT_AGE_YEARS[0]}, {DEFAULT_PATIENT_AGE_YEARS[1]}]",
+)
 CARD_LIMITATIONS = (
     "Trained only on paediatric images from one centre; adult radiographs (such as the CR test files), "
     "other centres and detectors, lateral views and other diseases are out of distribution and its "
@@ -182,6 +200,7 @@ def install_default_model(
         except ModelUnavailableError:
             package = None
         if package is not None and package.card.version == SOURCE_VERSION:
+            refresh_intended_use(target / CARD_FILE_NAME)
             if package.card.ood is None and measure:
                 fit_default_gate(package)
             return target
@@ -204,6 +223,31 @@ def install_default_model(
         fit_default_gate(package)
     logger.info("installed model %s %s into %s", DEFAULT_MODEL_NAME, SOURCE_VERSION, target)
     return target
+
+
+def refresh_intended_use(card_path: Path) -> bool:
+    """Bring an installed default card's ``[applies_to]`` and ``intended_use`` up to this version's
+    (a card written before the intended population existed); everything else is kept as written.
+    Returns whether the file changed. The new text is validated before it replaces the file."""
+    lines = card_path.read_text(encoding="utf-8").rstrip("\n").splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip() == "[applies_to]"), None)
+    if start is None:
+        return False
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].strip().startswith("[")), len(lines))
+    while end > start + 1 and not lines[end - 1].strip():
+        end -= 1
+    lines[start:end] = APPLIES_TO_LINES
+    lines = [
+        f"intended_use = {toml_value(CARD_INTENDED_USE)}" if line.startswith("intended_use = ") else line
+        for line in lines
+    ]
+    new_text = "\n".join(lines) + "\n"
+    if new_text == card_path.read_text(encoding="utf-8"):
+        return False
+    ModelCard.from_toml(new_text)  # never write a card the loader would refuse
+    durable_write(card_path, new_text.encode("utf-8"))
+    logger.info("model card %s: intended population brought up to date", card_path)
+    return True
 
 
 OOD_FITTED_ON = (
@@ -342,10 +386,7 @@ def default_card_toml(
             "quantize_8bit = true",
             'frames = "first"',
             "",
-            "[applies_to]",
-            'modalities = ["CR", "DX"]',
-            'body_parts = ["CHEST"]',
-            'views = ["AP", "PA"]',
+            *APPLIES_TO_LINES,
             "",
             "[card]",
             f"trained_by = {toml_value(CARD_TRAINED_BY)}",

@@ -20,10 +20,22 @@ __all__ = [
     "ModelCard",
     "ModelPackage",
     "discover_models",
+    "install_hint",
     "load_model_package",
 ]
 
 DEFAULT_MODEL_NAME = "pneumonia-xception"
+
+
+def install_hint(model: str) -> str:
+    """What to do about a missing model: install-default only for the default model, else name the others."""
+    if model == DEFAULT_MODEL_NAME:
+        return "install it with: dicomnode models install-default"
+    return (
+        "`dicomnode models list` shows the installed ones; copy the package folder (with its model.toml "
+        "and weights) into models.path, or give the package folder's path"
+    )
+
 
 logger = logging.getLogger(__name__)
 

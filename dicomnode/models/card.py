@@ -53,11 +53,14 @@ class LabelSpec:
 
 @dataclass(frozen=True)
 class AppliesTo:
-    """Informational: the images the model was made for (not enforced by the runner)."""
+    """The images the model was made for. Routes select by modality and body part; the worker
+    enforces the intended population (``views``, ``patient_age_years``) from each image's header
+    (:mod:`dicomnode.work.intended`): an image outside it gets no finding."""
 
     modalities: tuple[str, ...] = ()
     body_parts: tuple[str, ...] = ()
-    views: tuple[str, ...] = ()
+    views: tuple[str, ...] = ()  # ViewPosition values (e.g. "PA", "AP"); empty: any view
+    patient_age_years: tuple[float, float] | None = None  # (min, max) inclusive; None: any age
 
 
 @dataclass(frozen=True)
@@ -200,8 +203,7 @@ def parse_card(data: Mapping[str, Any]) -> ModelCard:
     if preprocessing.channels != parameters["in_channels"]:
         raise ConfigurationError("preprocessing.channels", "must equal architecture_parameters.in_channels")
     labels = _labels(data.get("labels"), int(parameters["num_classes"]))
-    applies = top.table("applies_to")
-    applies.check_keys({"modalities", "body_parts", "views"})
+    applies = _applies_to(top.table("applies_to"))
     card = top.table("card")
     card.check_keys(_CARD_KEYS)
 
@@ -216,11 +218,7 @@ def parse_card(data: Mapping[str, Any]) -> ModelCard:
         output_activation=activation,
         labels=labels,
         preprocessing=preprocessing,
-        applies_to=AppliesTo(
-            modalities=applies.strings("modalities"),
-            body_parts=applies.strings("body_parts"),
-            views=applies.strings("views"),
-        ),
+        applies_to=applies,
         manufacturer=top.string("manufacturer", "dicomnode"),
         trained_by=card.string("trained_by", ""),
         training_data=card.string("training_data", ""),
@@ -230,6 +228,22 @@ def parse_card(data: Mapping[str, Any]) -> ModelCard:
         not_for_clinical_use=card.boolean("not_for_clinical_use", True),
         performance=_performance(card.table("performance")),
         ood=_ood(top.table("ood")) if "ood" in top else None,
+    )
+
+
+def _applies_to(table: Table) -> AppliesTo:
+    """``[applies_to]``; ``patient_age_years = [min, max]`` in (fractional) years, min <= max."""
+    table.check_keys({"modalities", "body_parts", "views", "patient_age_years"})
+    ages = table.numbers("patient_age_years", (2,))
+    if ages is not None and not 0.0 <= ages[0] <= ages[1] <= 150.0:
+        raise table.error(
+            "patient_age_years", f"must be [min, max] with 0 <= min <= max <= 150; got {list(ages)}"
+        )
+    return AppliesTo(
+        modalities=table.strings("modalities"),
+        body_parts=table.strings("body_parts"),
+        views=tuple(v.strip().upper() for v in table.strings("views")),
+        patient_age_years=None if ages is None else (ages[0], ages[1]),
     )
 
 

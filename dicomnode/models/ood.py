@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from dicomnode.errors import ModelUnavailableError
+from dicomnode.findings import REFUSED_OUT_OF_DISTRIBUTION
 from dicomnode.models.card import OodSpec
 
 if TYPE_CHECKING:
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from dicomnode.models import ModelPackage
     from dicomnode.models.runner import ModelRunner
 
-REFUSED_OOD = "refused: out-of-distribution"
+REFUSED_OOD = REFUSED_OUT_OF_DISTRIBUTION
 AUTOENCODER_SIZE = 64  # the autoencoder's input: the model input's luminance resized to 64x64
 
 

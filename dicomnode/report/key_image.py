@@ -17,7 +17,15 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 
 from dicomnode.errors import InvalidDatasetError
-from dicomnode.findings import ImageFindings, LabelFinding, ModelIdentity, StudyFindings, format_percent
+from dicomnode.findings import (
+    REFUSED_OUTSIDE_INTENDED_USE,
+    ImageFindings,
+    LabelFinding,
+    ModelIdentity,
+    StudyFindings,
+    format_percent,
+    refusal_kind,
+)
 from dicomnode.imaging.overlay import add_result_band, blend_heatmap
 from dicomnode.report.context import (
     BUILD_CHARACTER_SET,
@@ -50,6 +58,16 @@ def caution_text(model: ModelIdentity) -> str:
 
 
 NOT_ANALYSED_TEXT = "AI: not analysed — image outside the model's intended input"
+NOT_ANALYSED_INTENDED_USE_TEXT = "AI: not analysed — outside the model's intended use"
+
+
+def refusal_lines(refusal: str) -> list[str]:
+    """The burned-in lines for a refused image: that it was not analysed, and (for the intended use)
+    what is outside, e.g. ``patient age 34 y outside 1-6 y``; never a number from the model."""
+    if refusal_kind(refusal) != REFUSED_OUTSIDE_INTENDED_USE:
+        return [NOT_ANALYSED_TEXT]
+    detail = refusal.partition(" (")[2].removesuffix(")")
+    return [NOT_ANALYSED_INTENDED_USE_TEXT, *[part for part in detail.split("; ") if part]]
 
 
 def result_text(finding: LabelFinding) -> str:
@@ -95,8 +113,8 @@ def build_key_image(
         rgb = blend_heatmap(rgb, heat, grey if grey.ndim == 2 else None)
     lines = [caution_text(study_findings.model)]
     lines += [result_text(f) for f in sorted(image_findings.findings, key=lambda f: -f.probability)]
-    if image_findings.refusal is not None:  # the OOD gate withheld the findings: say so, no number
-        lines.append(NOT_ANALYSED_TEXT)
+    if image_findings.refusal is not None:  # findings withheld (OOD gate, intended use): say so, no number
+        lines += refusal_lines(image_findings.refusal)
     # below the radiograph, never over it: the film's own markers stay visible
     rgb = add_result_band(rgb, lines, legend=heatmap is not None)
 

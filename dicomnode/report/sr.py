@@ -21,7 +21,14 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import Comprehensive3DSRStorage
 
 from dicomnode.errors import InvalidDatasetError
-from dicomnode.findings import ImageFindings, LabelFinding, StudyFindings, display_percent
+from dicomnode.findings import (
+    REFUSED_OUTSIDE_INTENDED_USE,
+    ImageFindings,
+    LabelFinding,
+    StudyFindings,
+    display_percent,
+    refusal_kind,
+)
 from dicomnode.report.context import (
     BUILD_CHARACTER_SET,
     apply_source_context,
@@ -44,6 +51,10 @@ ABSENT = CodedConcept("272519000", "SCT", "Absent")
 # The value of a refused image's qualitative evaluation: a code of dicomnode's private scheme (a "99"
 # designator, PS3.3 8.2), as no standard code says "not analysed because out of distribution".
 NOT_ANALYSED = CodedConcept("OOD", "99DICOMNODE", "Not analysed: image outside the model's intended input")
+# The same for an image whose header puts it outside the model card's intended population (age, view).
+NOT_ANALYSED_INTENDED_USE = CodedConcept(
+    "INTENDED-USE", "99DICOMNODE", "Not analysed: outside the model's intended use"
+)
 # Procedure Reported must come from CID 100 (PixelMed checks it). The group has no chest code, and
 # PixelMed 20220618 rejects even (43468-8, LN, "XR unspecified body region"); this one passes.
 IMAGING_PROCEDURE = CodedConcept("363679005", "SCT", "Imaging procedure")
@@ -213,8 +224,9 @@ def _measurement_group(
 def _refusal_group(
     findings: StudyFindings, image: ImageFindings, sr_sop_uid: str, index: int
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """A TID 1501 group for an image the OOD gate refused: no finding, no certainty, only the
-    qualitative evaluation "not analysed" (:data:`NOT_ANALYSED`) and the gate's score as a parameter."""
+    """A TID 1501 group for a refused image: no finding, no certainty, only the qualitative evaluation
+    "not analysed" and why as the algorithm's parameters: :data:`NOT_ANALYSED` with the OOD gate's
+    score, or :data:`NOT_ANALYSED_INTENDED_USE` with what is outside (e.g. the patient's age)."""
     frames = [image.frame_number] if image.frame_number is not None else None
     tracking = hd.sr.TrackingIdentifier(
         uid=derive_uid(sr_sop_uid, image.sop_instance_uid, str(image.frame_number), "not-analysed"),
@@ -223,12 +235,14 @@ def _refusal_group(
     algorithm = hd.sr.AlgorithmIdentification(
         name=findings.model.name,
         version=findings.model.version,
-        parameters=[(image.refusal or "")[:64]],
+        parameters=refusal_parameters(image.refusal or ""),
     )
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
         algorithm_id=algorithm,
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=codes.DCM.Finding, value=NOT_ANALYSED)],
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(name=codes.DCM.Finding, value=not_analysed_code(image))
+        ],
         source_images=[
             hd.sr.SourceImageForMeasurementGroup(
                 referenced_sop_class_uid=image.sop_class_uid,
@@ -345,3 +359,19 @@ def _make_containers_separate(dataset: Dataset) -> None:
         dataset.ContinuityOfContent = "SEPARATE"
     for item in dataset.get("ContentSequence", []):
         _make_containers_separate(item)
+
+
+def not_analysed_code(image: ImageFindings) -> CodedConcept:
+    """The coded "not analysed" value for the kind of the image's refusal."""
+    if refusal_kind(image.refusal or "") == REFUSED_OUTSIDE_INTENDED_USE:
+        return NOT_ANALYSED_INTENDED_USE
+    return NOT_ANALYSED
+
+
+def refusal_parameters(refusal: str) -> list[str]:
+    """The refusal as Algorithm Parameters (LO, 64 characters each): whole when it fits, else its
+    kind and then each reason in parentheses as one parameter."""
+    if len(refusal) <= 64:
+        return [refusal]
+    kind, _, detail = refusal.partition(" (")
+    return [part[:64] for part in [kind, *detail.removesuffix(")").split("; ")] if part]

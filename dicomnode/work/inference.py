@@ -29,7 +29,9 @@ from dicomnode.findings import (
     study_level,
 )
 from dicomnode.imaging.frames import read_header
+from dicomnode.models import install_hint
 from dicomnode.sandbox import DecodePool
+from dicomnode.work.intended import IntendedUse, check_image_intended_use
 from dicomnode.work.routing import RouteDecision, route_image
 
 if TYPE_CHECKING:
@@ -38,8 +40,6 @@ if TYPE_CHECKING:
     from dicomnode.models.runner import ModelRunner
 
 logger = logging.getLogger(__name__)
-
-INSTALL_HINT = "install the default model with: dicomnode models install-default"
 
 
 class ModelRegistry:
@@ -85,7 +85,7 @@ class ModelRegistry:
                 self._packages[name] = found[0]
             else:
                 raise ModelUnavailableError(
-                    f"model {name!r} is not installed in {self.models_dir}; {INSTALL_HINT}"
+                    f"model {name!r} is not installed in {self.models_dir}; {install_hint(name)}"
                 )
         return self._packages[name]
 
@@ -142,11 +142,25 @@ class ImageInput:
     features: Any = None
     display: np.ndarray | None = None  # the display image, when decoded together with the model input
     ood: OodDecision | None = None  # the out-of-distribution gate's verdict, when the model has a gate
+    # the route's intended_use ("enforce" or "ignore"); None: not checked (evaluate and explain make
+    # their own inputs: they measure or show the model, they deliver nothing)
+    intended_use_policy: str | None = None
+    intended: IntendedUse | None = None  # the header against the card's intended population
+
+    @property
+    def refusal(self) -> str | None:
+        """Why the image gets no finding: outside the intended use (checked first, before the model
+        runs: no probabilities) or refused by the OOD gate (after it); None when analysed."""
+        if self.intended is not None and self.intended.refused:
+            return self.intended.reason
+        if self.ood is not None and self.ood.refused:
+            return self.ood.reason
+        return None
 
     @property
     def refused(self) -> bool:
-        """Whether the gate refused the image: it then has probabilities but no finding."""
-        return self.ood is not None and self.ood.refused
+        """Whether the image gets no finding (:attr:`refusal` says why)."""
+        return self.refusal is not None
 
 
 def route_files(config: Config, items: Sequence[tuple[Any, Path, str | None]]) -> list[ImageInput]:
@@ -159,7 +173,10 @@ def route_files(config: Config, items: Sequence[tuple[Any, Path, str | None]]) -
             decision = RouteDecision(None, None, header_unreadable(exc))
             routed.append(ImageInput(key, path, Dataset(), decision, error=decision.reason))
             continue
-        routed.append(ImageInput(key, path, header, route_image(config.routes, header, calling_ae)))
+        decision = route_image(config.routes, header, calling_ae)
+        route = next((r for r in config.routes if r.name == decision.route), None)
+        policy = route.intended_use if route is not None else None
+        routed.append(ImageInput(key, path, header, decision, intended_use_policy=policy))
     return routed
 
 
@@ -235,7 +252,9 @@ def predict(
     by_model: dict[str, list[ImageInput]] = defaultdict(list)
     for image in images:
         if image.array is not None and image.decision.model is not None:
-            by_model[image.decision.model].append(image)
+            check_image_intended_use(image, registry)
+            if not image.refused:
+                by_model[image.decision.model].append(image)
     for name, group in by_model.items():
         runner = registry.runner(name)
         started = time.perf_counter()
@@ -385,7 +404,7 @@ def study_findings(
                 findings=tuple(image.findings),
                 frame_number=1 if frames > 1 or "NumberOfFrames" in header else None,
                 heatmaps=heatmaps.get(index, {}),
-                refusal=image.ood.reason if image.ood is not None and image.ood.refused else None,
+                refusal=image.refusal,
             )
         )
     return StudyFindings(

@@ -23,9 +23,8 @@ import numpy as np
 
 from dicomnode import metrics
 from dicomnode.config import Config
-from dicomnode.findings import StudyFindings
+from dicomnode.findings import StudyFindings, refusal_kind
 from dicomnode.imaging.preprocess import decode_display_image
-from dicomnode.models.ood import REFUSED_OOD
 from dicomnode.node.services import Services
 from dicomnode.queue.jobs import ClaimedJob
 from dicomnode.queue.outbox import OutboxQueue, StoredObject
@@ -186,14 +185,17 @@ class ResultWriter:
                 "sop_instance_uid": str(i.header.get("SOPInstanceUID", "")),
                 **i.decision.to_dict(),
                 "error": i.error,
+                **({"intended_use": i.intended.to_dict()} if i.intended is not None else {}),
                 **({"ood": i.ood.to_dict()} if i.ood is not None else {}),
-                **({"decision": REFUSED_OOD} if i.refused else {}),
+                **({"decision": refusal_kind(i.refusal)} if i.refusal is not None else {}),
             }
             for i in work.images
         ]
         by_model: dict[str, list[ImageInput]] = defaultdict(list)
         for image in work.images:
-            if image.decision.model is not None and image.probabilities is not None:
+            # a refused image has no probabilities when it was refused before the model ran (intended
+            # use), but it still gets its SR group and key image saying "not analysed"
+            if image.decision.model is not None and (image.probabilities is not None or image.refused):
                 by_model[image.decision.model].append(image)
         outputs = []
         results_dir = self.config.storage.results_path / job.study_instance_uid / f"job-{job.id}"
