@@ -31,6 +31,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
+from dicomnode import sqlite_lock
 from dicomnode.fsio import syncfs_available
 
 UID_LENGTH = 64  # PS3.5: a UID is at most 64 characters
@@ -223,6 +224,9 @@ def make_engine(database_url: str, *, synchronous: str = "FULL") -> Engine:
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
+
+        if db_path and db_path != ":memory:":
+            sqlite_lock.install(engine, sqlite_lock.lock_path_for(db_path))  # before BEGIN IMMEDIATE
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn: Any) -> None:
