@@ -56,11 +56,12 @@ def record_from(
     claimed_sop_instance_uid: str,
     claimed_by: str,
     calling_ae_title: str,
+    log: logging.Logger = logger,
 ) -> tuple[InstanceRecord, bytes]:
     """The index row and the File Meta Information for a received data set, or StoreRefused.
 
     ``claimed_*`` are the UIDs the carrier named (the C-STORE request, a STOW part's File Meta
-    Information), ``claimed_by`` says which, for the messages.
+    Information), ``claimed_by`` says which, for the messages; ``log`` is the carrier's logger.
     """
     try:
         header = read_header(data, data_set_size, transfer_syntax_uid)
@@ -75,7 +76,7 @@ def record_from(
     if sop_instance_uid != claimed_sop_instance_uid:
         # PixelMed and dcmsend send real files this way: the data set is the truth (PS3.10 file
         # names and the index are made from it), so store it under its own UID and say so.
-        logger.info(
+        log.info(
             "%s names SOP Instance UID %s, its data set %s: stored under the data set's",
             claimed_by,
             safe_uid(claimed_sop_instance_uid),

@@ -165,6 +165,7 @@ class StorageSCP:
             claimed_sop_instance_uid=command.affected_sop_instance_uid,
             claimed_by="the C-STORE request",
             calling_ae_title=association.calling_ae_title,
+            log=logger,
         )
 
 
