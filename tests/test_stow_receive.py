@@ -34,9 +34,11 @@ from pydicom.uid import (
     RLELossless,
     generate_uid,
 )
+from requests.exceptions import HTTPError
 from test_http import HttpNode, write_config
 
 from dicomnode.config import load_config
+from dicomnode.http import multipart as multipart_module
 from dicomnode.http.multipart import MultipartError, MultipartReader
 from dicomnode.node.services import open_services
 from dicomnode.receive.header import PREAMBLE, file_meta_information, read_part10
@@ -394,3 +396,34 @@ def test_multipart_reader_spools_a_large_part_to_an_unnamed_file(tmp_path: Path)
     with part.view() as view:
         assert view[: len(payload)] == payload
     reader.close()
+
+
+def test_multipart_reader_keeps_only_so_much_in_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small parts stay in memory only while all of them together fit the request's memory budget."""
+    monkeypatch.setattr(multipart_module, "MEMORY_REQUEST_BYTES", 2500)
+    reader = MultipartReader("b3", tmp_path)
+    reader.feed(multipart([bytes(1000)] * 4, "b3"))
+    assert [part.on_disk for part in reader.finish()] == [False, False, True, True]
+    assert reader.memory_bytes == 2000 and reader.disk_bytes == 2000
+    reader.close()
+
+
+def test_dicomweb_client_posting_to_a_study(node: HttpNode) -> None:
+    """store_instances(study_instance_uid=...) posts to /studies/{study}: stored when the instance is of
+    it; HTTP 409 (an HTTPError in dicomweb-client) when it is not."""
+    study = generate_uid()
+    mine = ct_like(study, generate_uid(), 0)
+    response = client(node).store_instances([mine], study_instance_uid=study)
+    assert [str(item.ReferencedSOPInstanceUID) for item in response.ReferencedSOPSequence] == [
+        mine.SOPInstanceUID
+    ]
+    other = ct_like(generate_uid(), generate_uid(), 0)
+    with pytest.raises(HTTPError) as raised:
+        client(node).store_instances([other], study_instance_uid=study)
+    assert raised.value.response is not None and raised.value.response.status_code == 409
+    assert failures(raised.value.response.json()) == {
+        other.SOPInstanceUID: Status.CANNOT_UNDERSTAND_UID_MISMATCH
+    }
+    assert instance_row(node, mine.SOPInstanceUID) and not instance_row(node, other.SOPInstanceUID)

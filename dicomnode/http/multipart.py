@@ -2,7 +2,8 @@
 
 The body is fed chunk by chunk as it arrives; nothing is sized from a length the peer announces.
 Part headers are capped (:data:`PART_HEADER_LIMIT`); a part's body stays in memory up to
-:data:`MEMORY_PART_BYTES` and then moves to an unnamed temporary file (``O_TMPFILE``: nothing is
+:data:`MEMORY_PART_BYTES` (and while all parts in memory stay under :data:`MEMORY_REQUEST_BYTES`)
+and then moves to an unnamed temporary file (``O_TMPFILE``: nothing is
 left behind by a crash). The caller caps the request's total size and checks the disk between
 chunks (:attr:`MultipartReader.disk_bytes`).
 """
@@ -19,6 +20,7 @@ from typing import BinaryIO
 
 PART_HEADER_LIMIT = 16 * 1024  # bytes of one part's header block
 MEMORY_PART_BYTES = 8 * 1024 * 1024  # a larger part is spooled to a temporary file
+MEMORY_REQUEST_BYTES = 64 * 1024 * 1024  # parts held in memory together; later ones go to files
 
 
 class MultipartError(ValueError):
@@ -28,9 +30,12 @@ class MultipartError(ValueError):
 class Part:
     """One part: its headers (lower-case names) and its body, in memory or in a temporary file."""
 
-    def __init__(self, headers: dict[str, str], spool_dir: Path) -> None:
+    def __init__(
+        self, headers: dict[str, str], spool_dir: Path, memory_limit: int = MEMORY_PART_BYTES
+    ) -> None:
         self.headers = headers
         self.size = 0
+        self.memory_limit = memory_limit
         self._spool_dir = spool_dir
         self._memory: io.BytesIO | None = io.BytesIO()
         self._file: BinaryIO | None = None
@@ -40,7 +45,7 @@ class Part:
         return self._file is not None
 
     def write(self, data: bytes | memoryview) -> None:
-        if self._memory is not None and self.size + len(data) > MEMORY_PART_BYTES:
+        if self._memory is not None and self.size + len(data) > self.memory_limit:
             self._file = tempfile.TemporaryFile(dir=self._spool_dir)  # noqa: SIM115 - closed by close()
             self._file.write(self._memory.getbuffer())
             self._memory = None
@@ -118,6 +123,11 @@ class MultipartReader:
         """Bytes spooled to temporary files so far."""
         return sum(part.size for part in self.parts if part.on_disk)
 
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of parts held in memory."""
+        return sum(part.size for part in self.parts if not part.on_disk)
+
     def feed(self, chunk: bytes) -> None:
         self._buffer += chunk
         while self._step():
@@ -174,7 +184,8 @@ class MultipartReader:
                 if end > PART_HEADER_LIMIT:
                     raise MultipartError(f"a part's headers exceed {PART_HEADER_LIMIT} bytes")
                 block, rest = bytes(buffer[:end]), end + 4
-            self._part = Part(parse_header_block(block), self._spool_dir)
+            budget = max(0, MEMORY_REQUEST_BYTES - self.memory_bytes)
+            self._part = Part(parse_header_block(block), self._spool_dir, min(MEMORY_PART_BYTES, budget))
             self.parts.append(self._part)
             del buffer[:rest]
             self._state = self._BODY

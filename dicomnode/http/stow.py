@@ -18,9 +18,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from email.message import Message
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import anyio.to_thread
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_dataset
+from pydicom.tag import BaseTag
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -31,7 +35,6 @@ from dicomnode.config import Config
 from dicomnode.errors import InvalidDatasetError
 from dicomnode.http.multipart import MultipartError, MultipartReader, Part
 from dicomnode.queue.jobs import InstanceRecord, JobQueue
-from dicomnode.receive.header import read_part10
 from dicomnode.receive.ingest import StoreRefused, record_from, store_instance
 from dicomnode.receive.scp import ACCEPTED_TRANSFER_SYNTAXES, storage_sop_classes
 from dicomnode.receive.spool import InstanceStore, validate_uid
@@ -107,14 +110,14 @@ class StowService:
         started = time.monotonic()
         try:
             if study is not None:
-                study = validate_uid(study, "StudyInstanceUID")
+                try:
+                    study = validate_uid(study, "StudyInstanceUID")
+                except InvalidDatasetError as exc:
+                    raise StowRequestError(400, f"the study in the path: {exc}") from exc
             reader = await self._read(request)
         except StowRequestError as refusal:
             logger.warning("STOW-RS request refused, HTTP %d: %s", refusal.status_code, refusal.message)
             return JSONResponse({"error": refusal.message}, status_code=refusal.status_code)
-        except Exception as exc:  # an invalid target UID
-            logger.warning("STOW-RS request refused, HTTP 400: %s", exc)
-            return JSONResponse({"error": str(exc)}, status_code=400)
         peer = _Peer(request.client.host if request.client else "")
         try:
             await anyio.to_thread.run_sync(self._ingest_all, reader.parts, study, peer)
@@ -203,6 +206,11 @@ class StowService:
             outcome.refused = refused
             outcome.sop_instance_uid = refused.sop_instance_uid or outcome.sop_instance_uid
             return outcome
+        except Exception as exc:  # a fault outside the rule set (mapping the spooled part): this part only
+            outcome.refused = StoreRefused(
+                Status.PROCESSING_FAILURE, "the part cannot be processed", detail=type(exc).__name__
+            )
+            return outcome
         instance, outcome.recorded = record
         if outcome.recorded:
             audit.instance_stored(peer, instance)
@@ -213,7 +221,7 @@ class StowService:
     ) -> tuple[InstanceRecord, bool]:
         """One Part 10 file through the C-STORE rule set; StoreRefused for every failure."""
         try:
-            meta, offset = read_part10(bytes(body[:_META_PREFIX]))  # a File Meta group is small
+            meta, offset = part10_meta(body)
         except Exception as exc:
             raise StoreRefused(
                 Status.CANNOT_UNDERSTAND,
@@ -223,6 +231,12 @@ class StowService:
         outcome.sop_class_uid = _meta_uid(meta, "MediaStorageSOPClassUID")
         outcome.sop_instance_uid = _meta_uid(meta, "MediaStorageSOPInstanceUID")
         transfer_syntax = _meta_uid(meta, "TransferSyntaxUID")
+        if not transfer_syntax:
+            raise StoreRefused(
+                Status.CANNOT_UNDERSTAND,
+                "its File Meta Information names no valid Transfer Syntax UID",
+                sop_instance_uid=outcome.sop_instance_uid,
+            )
         if transfer_syntax not in ACCEPTED_TRANSFER_SYNTAXES:
             raise StoreRefused(
                 Status.REFERENCED_TRANSFER_SYNTAX_NOT_SUPPORTED,
@@ -301,6 +315,33 @@ def _item(outcome: Outcome, refused: StoreRefused | None) -> dict[str, Any]:
     if refused is not None:
         item[_FAILURE_REASON] = {"vr": "US", "Value": [int(refused.status)]}
     return item
+
+
+def part10_meta(body: memoryview) -> tuple[Dataset, int]:
+    """The File Meta Information of a part and the offset of its data set.
+
+    PS3.10 asks for the preamble and ``DICM``; a part that starts right at the File Meta group (what
+    ``pydicom.dcmwrite`` makes of a data set without a preamble, as dicomweb-client sends it) is
+    accepted too. File Meta Information Group Length is not needed: the group ends at the first
+    element of another group. Raise ValueError for anything else.
+    """
+    prefix = bytes(body[:_META_PREFIX])  # a File Meta group is small
+    if prefix[128:132] == b"DICM":
+        start = 132
+    elif prefix[:2] == b"\x02\x00":
+        start = 0
+    else:
+        raise ValueError("neither a preamble with DICM nor File Meta Information")
+    fp = DicomBytesIO(prefix[start:])
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    meta = read_dataset(cast(BinaryIO, fp), False, True, stop_when=_after_file_meta)
+    if len(meta) == 0:
+        raise ValueError("empty File Meta Information")
+    return meta, start + fp.tell()
+
+
+def _after_file_meta(tag: BaseTag, vr: str | None, length: int) -> bool:
+    return bool(tag.group != 0x0002)
 
 
 def _meta_uid(meta: Any, keyword: str) -> str:
