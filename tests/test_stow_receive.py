@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pydicom
 import pytest
@@ -35,13 +36,18 @@ from pydicom.uid import (
     generate_uid,
 )
 from requests.exceptions import HTTPError
+from starlette.applications import Starlette
+from starlette.routing import Route
 from test_http import HttpNode, write_config
 
 from dicomnode.config import load_config
+from dicomnode.errors import StorageFullError
 from dicomnode.http import multipart as multipart_module
 from dicomnode.http.multipart import MultipartError, MultipartReader
-from dicomnode.node.services import open_services
+from dicomnode.http.stow import StowService
+from dicomnode.node.services import Services, open_services
 from dicomnode.receive.header import PREAMBLE, file_meta_information, read_part10
+from dicomnode.receive.spool import InstanceStore
 from dicomnode.status import Status
 
 pytestmark = pytest.mark.timeout(300)
@@ -427,3 +433,33 @@ def test_dicomweb_client_posting_to_a_study(node: HttpNode) -> None:
         other.SOPInstanceUID: Status.CANNOT_UNDERSTAND_UID_MISMATCH
     }
     assert instance_row(node, mine.SOPInstanceUID) and not instance_row(node, other.SOPInstanceUID)
+
+
+class FailingFlushStore(InstanceStore):
+    """A real spool whose flush fails, as syncfs does when the disk reports an error."""
+
+    def flush(self) -> None:
+        raise StorageFullError("cannot flush the spool to disk: OS error 5")
+
+
+def test_a_failed_flush_lists_no_instance_as_stored(services: Services) -> None:
+    """The parts of a request share one flush; when it fails none of them is acknowledged (0xA700,
+    503), and a resend after the disk recovered is answered as a duplicate, as for C-STORE."""
+    service = StowService(services.config, services.sessions)
+    service._store = FailingFlushStore(services.config.storage.path)
+    app = Starlette(routes=[Route("/dicom-web/studies", service.handle, methods=["POST"])])
+    datasets = [ct_like(generate_uid(), generate_uid(), i) for i in range(2)]
+    headers = {"Content-Type": DICOM_MULTIPART.format("stow-boundary-1234")}
+    body = multipart([encoded(d) for d in datasets])
+
+    async def send() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://node") as http:
+            return await http.post("/dicom-web/studies", content=body, headers=headers)
+
+    response = anyio.run(send)
+    assert response.status_code == 503
+    assert failures(response.json()) == {d.SOPInstanceUID: Status.OUT_OF_RESOURCES for d in datasets}
+    service._store = InstanceStore(services.config.storage.path)
+    again = anyio.run(send)
+    assert again.status_code == 200 and stored(again.json()) == [d.SOPInstanceUID for d in datasets]
+    assert len(services.queue.pending_studies()) == 2

@@ -32,7 +32,7 @@ from starlette.routing import Route
 
 from dicomnode import audit, metrics
 from dicomnode.config import Config
-from dicomnode.errors import InvalidDatasetError
+from dicomnode.errors import InvalidDatasetError, StorageFullError
 from dicomnode.http.multipart import MultipartError, MultipartReader, Part
 from dicomnode.queue.jobs import InstanceRecord, JobQueue
 from dicomnode.receive.ingest import StoreRefused, record_from, store_instance
@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 DICOM_JSON = "application/dicom+json"
 SOURCE_LABEL = "STOW-RS"  # the calling_ae_title label of the reception metric, the audit's user id
 _META_PREFIX = 1024 * 1024  # bytes of a part searched for its File Meta Information
+FLUSH_EVERY_SECONDS = 1.0  # the longest a written part of a request waits for its flush
 DISK_CHECK_BYTES = 8 * 1024 * 1024  # free space is read again after this many bytes spooled to disk
 
 # attribute tags of the STOW-RS response (PS3.18 Table 10.5.3-1)
@@ -71,7 +72,8 @@ class Outcome:
     sop_class_uid: str = ""
     sop_instance_uid: str = ""
     refused: StoreRefused | None = None
-    recorded: bool = False
+    record: InstanceRecord | None = None
+    recorded: bool = False  # False for a resend: already held
 
 
 @dataclass
@@ -175,45 +177,57 @@ class StowService:
             raise StowRequestError(503, "the spool is below its free-space floor (node.min_free_disk_mb)")
 
     def _ingest_all(self, parts: list[Part], study: str | None, peer: _Peer) -> None:
-        """Store every part in order (in a worker thread: writes, flushes and commits block)."""
-        store = self.store()
-        for part in parts:
-            outcome = self._ingest(store, part, study, peer)
-            peer.outcomes.append(outcome)
-            if outcome.refused is not None:
-                refused = outcome.refused
-                log = logger.error if refused.status in OUT_OF_RESOURCES_RANGE else logger.warning
-                log(
-                    "STOW-RS %s refused, %s: %s%s",
-                    refused.sop_instance_uid or outcome.sop_instance_uid or "<no SOP Instance UID>",
-                    status_label(refused.status),
-                    refused.message,
-                    f" ({refused.detail})" if refused.detail else "",
-                )
-                metrics.instance_received(SOURCE_LABEL, refused.status.name)
-                continue
-            metrics.instance_received(SOURCE_LABEL, Status.SUCCESS.name)
+        """Store every part in order (in a worker thread: writes, flushes and commits block).
 
-    def _ingest(self, store: InstanceStore, part: Part, study: str | None, peer: _Peer) -> Outcome:
+        The flush that makes files, folder entries and rows durable is shared by the parts of a
+        request (at most :data:`FLUSH_EVERY_SECONDS` apart), as concurrent associations share one;
+        an instance counts as stored only once a flush after its commit succeeded.
+        """
+        store = self.store()
+        unflushed: list[Outcome] = []
+        last_flush = time.monotonic()
+        for part in parts:
+            outcome = self._ingest(store, part, study)
+            peer.outcomes.append(outcome)
+            if outcome.refused is None:
+                unflushed.append(outcome)
+            if unflushed and time.monotonic() - last_flush >= FLUSH_EVERY_SECONDS:
+                _flush(store, unflushed)
+                last_flush = time.monotonic()
+        _flush(store, unflushed)
+        for outcome in peer.outcomes:
+            refused = outcome.refused
+            if refused is None:
+                metrics.instance_received(SOURCE_LABEL, Status.SUCCESS.name)
+                if outcome.record is not None and outcome.recorded:
+                    audit.instance_stored(peer, outcome.record)
+                continue
+            log = logger.error if refused.status in OUT_OF_RESOURCES_RANGE else logger.warning
+            log(
+                "STOW-RS %s refused, %s: %s%s",
+                refused.sop_instance_uid or outcome.sop_instance_uid or "<no SOP Instance UID>",
+                status_label(refused.status),
+                refused.message,
+                f" ({refused.detail})" if refused.detail else "",
+            )
+            metrics.instance_received(SOURCE_LABEL, refused.status.name)
+
+    def _ingest(self, store: InstanceStore, part: Part, study: str | None) -> Outcome:
+        """Write and index one part (its flush comes later); the outcome says what became of it."""
         outcome = Outcome()
         try:
             media_type = part.headers.get("content-type", "application/dicom").split(";")[0].strip().lower()
             if media_type != "application/dicom":
                 raise StoreRefused(Status.CANNOT_UNDERSTAND, "the part is not application/dicom")
             with part.view() as body:
-                record = self._store_part(store, body, study, outcome)
+                outcome.record, outcome.recorded = self._store_part(store, body, study, outcome)
         except StoreRefused as refused:
             outcome.refused = refused
             outcome.sop_instance_uid = refused.sop_instance_uid or outcome.sop_instance_uid
-            return outcome
         except Exception as exc:  # a fault outside the rule set (mapping the spooled part): this part only
             outcome.refused = StoreRefused(
                 Status.PROCESSING_FAILURE, "the part cannot be processed", detail=type(exc).__name__
             )
-            return outcome
-        instance, outcome.recorded = record
-        if outcome.recorded:
-            audit.instance_stored(peer, instance)
         return outcome
 
     def _store_part(
@@ -270,7 +284,7 @@ class StowService:
                     "StudyInstanceUID of the dataset is not the study of the request",
                     sop_instance_uid=record.sop_instance_uid,
                 )
-            return record, store_instance(store, self.queue, record, file_meta, data)
+            return record, store_instance(store, self.queue, record, file_meta, data, flush=False)
         finally:
             data[0].release()
 
@@ -304,6 +318,23 @@ class StowService:
         audit.association_ended(peer, "released")  # one Instances Transferred per study stored
         headers = {"Retry-After": "60"} if status_code == 503 else None
         return Response(json.dumps(body), status_code=status_code, media_type=DICOM_JSON, headers=headers)
+
+
+def _flush(store: InstanceStore, outcomes: list[Outcome]) -> None:
+    """Make the written parts durable; when that fails, none of them counts as stored (0xA700)."""
+    if not outcomes:
+        return
+    try:
+        store.flush()
+    except StorageFullError as exc:
+        for outcome in outcomes:
+            outcome.refused = StoreRefused(
+                Status.OUT_OF_RESOURCES,
+                "cannot flush the spool to disk",
+                detail=str(exc),
+                sop_instance_uid=outcome.sop_instance_uid,
+            )
+    outcomes.clear()
 
 
 def _item(outcome: Outcome, refused: StoreRefused | None) -> dict[str, Any]:

@@ -106,11 +106,19 @@ def record_from(
 
 
 def store_instance(
-    store: InstanceStore, queue: JobQueue, record: InstanceRecord, meta: bytes, data: list[memoryview]
+    store: InstanceStore,
+    queue: JobQueue,
+    record: InstanceRecord,
+    meta: bytes,
+    data: list[memoryview],
+    *,
+    flush: bool = True,
 ) -> bool:
     """Write, index and flush; return False for a resend. Raise StoreRefused for every failure.
 
     When this returns, the file and its row are durable: only then may the caller acknowledge it.
+    With ``flush=False`` the caller flushes (``store.flush()``, one for several instances) and
+    acknowledges none of them before that succeeded.
     """
     uid = record.sop_instance_uid
     try:
@@ -152,6 +160,8 @@ def store_instance(
             detail=type(exc).__name__,
             sop_instance_uid=uid,
         ) from exc
+    if not flush:
+        return recorded
     try:
         # one flush makes file, folder entries and the WAL durable (shared with other callers)
         store.flush()
