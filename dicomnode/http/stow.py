@@ -83,6 +83,7 @@ class _Peer:
     address: str
     calling_ae_title: str = SOURCE_LABEL
     outcomes: list[Outcome] = field(default_factory=list)
+    read_seconds: float = 0.0  # receiving and spooling the body
 
 
 class StowService:
@@ -121,6 +122,7 @@ class StowService:
             logger.warning("STOW-RS request refused, HTTP %d: %s", refusal.status_code, refusal.message)
             return JSONResponse({"error": refusal.message}, status_code=refusal.status_code)
         peer = _Peer(request.client.host if request.client else "")
+        peer.read_seconds = time.monotonic() - started
         try:
             await anyio.to_thread.run_sync(self._ingest_all, reader.parts, study, peer)
         finally:
@@ -306,7 +308,8 @@ class StowService:
             status_code = 409
         recorded = sum(1 for o in stored if o.recorded)
         logger.info(
-            "STOW-RS from %s: HTTP %d, %d stored, %d duplicates, %d failed, %.1f MB in %.2f s",
+            "STOW-RS from %s: HTTP %d, %d stored, %d duplicates, %d failed, %.1f MB in %.2f s"
+            " (%.2f s reading)",
             peer.address or "?",
             status_code,
             recorded,
@@ -314,6 +317,7 @@ class StowService:
             len(failed),
             sum(part.size for part in reader.parts) / 1e6,
             time.monotonic() - started,
+            peer.read_seconds,
         )
         audit.association_ended(peer, "released")  # one Instances Transferred per study stored
         headers = {"Retry-After": "60"} if status_code == 503 else None
