@@ -9,8 +9,9 @@ import json
 import shutil
 import sqlite3
 import subprocess
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import anyio
 import httpx
 import pydicom
 import pytest
+from conftest import make_config
 from corpus import pneumonia_images_dir
 from dicomweb_client.api import DICOMwebClient
 from e2e_helpers import storescu, wait_for, wrap_radiograph
@@ -463,3 +465,38 @@ def test_a_failed_flush_lists_no_instance_as_stored(services: Services) -> None:
     again = anyio.run(send)
     assert again.status_code == 200 and stored(again.json()) == [d.SOPInstanceUID for d in datasets]
     assert len(services.queue.pending_studies()) == 2
+
+
+def test_a_client_that_stops_sending_is_cut_off_and_too_many_requests_wait(tmp_path: Path) -> None:
+    """No part of the body for node.network_timeout_seconds: 408, nothing stored. More than four
+    requests at once: 503 with Retry-After (each may hold 64 MiB of parts in memory)."""
+    config = make_config(tmp_path, node={"network_timeout_seconds": 1})
+    services = open_services(config, upgrade=True)
+    try:
+        service = StowService(config, services.sessions)
+        app = Starlette(routes=[Route("/dicom-web/studies", service.handle, methods=["POST"])])
+        ds = ct_like(generate_uid(), generate_uid(), 0)
+        body = multipart([encoded(ds)])
+        headers = {"Content-Type": DICOM_MULTIPART.format("stow-boundary-1234")}
+
+        async def stalling() -> AsyncIterator[bytes]:
+            yield body[:100]
+            await anyio.sleep(3)
+            yield body[100:]
+
+        async def send(content: Any) -> httpx.Response:
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://node") as http:
+                return await http.post("/dicom-web/studies", content=content, headers=headers)
+
+        started = time.monotonic()
+        assert anyio.run(send, stalling()).status_code == 408
+        assert time.monotonic() - started < 2.9
+        assert services.queue.pending_studies() == []
+        service._active = 4
+        busy = anyio.run(send, body)
+        assert busy.status_code == 503 and busy.headers["retry-after"]
+        service._active = 0
+        assert anyio.run(send, body).status_code == 200
+    finally:
+        services.close()

@@ -20,13 +20,14 @@ from dataclasses import dataclass, field
 from email.message import Message
 from typing import Any, BinaryIO, cast
 
+import anyio
 import anyio.to_thread
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
 from sqlalchemy.orm import Session, sessionmaker
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -45,6 +46,7 @@ logger = logging.getLogger(__name__)
 DICOM_JSON = "application/dicom+json"
 SOURCE_LABEL = "STOW-RS"  # the calling_ae_title label of the reception metric, the audit's user id
 _META_PREFIX = 1024 * 1024  # bytes of a part searched for its File Meta Information
+MAX_CONCURRENT_REQUESTS = 4  # more at once are answered 503 (bounds the memory parts may hold)
 FLUSH_EVERY_SECONDS = 1.0  # the longest a written part of a request waits for its flush
 DISK_CHECK_BYTES = 8 * 1024 * 1024  # free space is read again after this many bytes spooled to disk
 
@@ -96,6 +98,7 @@ class StowService:
         self.sop_classes = frozenset(storage_sop_classes())
         self._store: InstanceStore | None = None
         self._lock = threading.Lock()
+        self._active = 0  # requests being handled
 
     def store(self) -> InstanceStore:
         with self._lock:
@@ -109,6 +112,21 @@ class StowService:
             return self._store
 
     async def handle(self, request: Request) -> Response:
+        """One STOW-RS request: read it whole, store each part, answer what became of each."""
+        if self._active >= MAX_CONCURRENT_REQUESTS:  # each may hold 64 MiB of parts in memory
+            logger.warning("STOW-RS request refused, HTTP 503: %d requests already in progress", self._active)
+            return JSONResponse(
+                {"error": f"{self._active} STOW-RS requests in progress; try again"},
+                status_code=503,
+                headers={"Retry-After": "5"},
+            )
+        self._active += 1  # the event loop is one thread: no lock needed
+        try:
+            return await self._handle(request)
+        finally:
+            self._active -= 1
+
+    async def _handle(self, request: Request) -> Response:
         study = request.path_params.get("study_instance_uid")
         started = time.monotonic()
         try:
@@ -121,6 +139,9 @@ class StowService:
         except StowRequestError as refusal:
             logger.warning("STOW-RS request refused, HTTP %d: %s", refusal.status_code, refusal.message)
             return JSONResponse({"error": refusal.message}, status_code=refusal.status_code)
+        except ClientDisconnect:
+            logger.warning("STOW-RS request abandoned: the client went away before the end of the body")
+            return Response(status_code=400)  # nobody reads it; nothing was stored
         peer = _Peer(request.client.host if request.client else "")
         peer.read_seconds = time.monotonic() - started
         try:
@@ -150,8 +171,19 @@ class StowService:
         except MultipartError as exc:
             raise StowRequestError(400, str(exc)) from exc
         total, checked_disk = 0, 0
+        idle = self.config.node.network_timeout_seconds
+        chunks = request.stream().__aiter__()
         try:
-            async for chunk in request.stream():
+            while True:
+                try:
+                    with anyio.fail_after(idle):  # a client trickling bytes holds no spool forever
+                        chunk = await chunks.__anext__()
+                except StopAsyncIteration:
+                    break
+                except TimeoutError as exc:
+                    raise StowRequestError(
+                        408, f"no part of the body for {idle:g} s (node.network_timeout_seconds)"
+                    ) from exc
                 total += len(chunk)
                 if total > self.max_request_bytes:
                     raise StowRequestError(413, self._too_large())
