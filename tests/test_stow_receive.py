@@ -220,7 +220,8 @@ def test_curl_posts_a_hand_built_multipart_body(node: HttpNode, tmp_path: Path) 
 
 def test_bad_parts_fail_with_a_reason_while_the_good_ones_are_stored(node: HttpNode) -> None:
     """202: garbage (0xC000), no SOP Instance UID (0xC001), a SOP class that is not storage (0x0122),
-    a class differing from its File Meta (0xA900); the good parts around them are stored."""
+    a class differing from its File Meta (0xA900), a transfer syntax not accepted (0xC122); the good
+    parts around them are stored."""
     study = generate_uid()
     good = [ct_like(study, generate_uid(), i) for i in range(2)]
     missing_uid = ct_like(study, generate_uid(), 2)
@@ -230,8 +231,11 @@ def test_bad_parts_fail_with_a_reason_while_the_good_ones_are_stored(node: HttpN
     mismatched = ct_like(study, generate_uid(), 4)
     # pydicom writes the File Meta's class from the data set's: patch it to MR (the same length)
     mismatched_bytes = encoded(mismatched).replace(CTImageStorage.encode(), MRImageStorage.encode(), 1)
+    unknown_syntax = ct_like(study, generate_uid(), 5)  # a made-up syntax UID as long as explicit VR LE's
+    unknown_bytes = encoded(unknown_syntax).replace(b"1.2.840.10008.1.2.1\x00", b"1.2.840.99999.1.2.1\x00", 1)
     parts = [
         encoded(good[0]),
+        unknown_bytes,
         b"this is not DICOM at all",
         encoded(missing_uid),
         encoded(not_storage),
@@ -248,6 +252,8 @@ def test_bad_parts_fail_with_a_reason_while_the_good_ones_are_stored(node: HttpN
     assert reasons[missing_uid.file_meta.MediaStorageSOPInstanceUID] == Status.CANNOT_UNDERSTAND_MISSING_UID
     assert reasons[not_storage.SOPInstanceUID] == Status.SOP_CLASS_NOT_SUPPORTED
     assert reasons[mismatched.SOPInstanceUID] == Status.DATASET_DOES_NOT_MATCH_SOP_CLASS
+    assert reasons[unknown_syntax.SOPInstanceUID] == Status.REFERENCED_TRANSFER_SYNTAX_NOT_SUPPORTED
+    assert len(reasons) == 5
     assert all(instance_row(node, ds.SOPInstanceUID) for ds in good)
     assert instance_row(node, not_storage.SOPInstanceUID) is None
     assert instance_row(node, mismatched.SOPInstanceUID) is None
