@@ -79,7 +79,13 @@ DEFAULTS: dict[str, Any] = {
     },
     "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 4242}],
     "logging": {"level": "INFO"},
-    "http": {"enabled": True, "host": "127.0.0.1", "port": 8080, "token_file": ""},
+    "http": {
+        "enabled": True,
+        "host": "127.0.0.1",
+        "port": 8080,
+        "token_file": "",
+        "stow_max_request_mb": 2048,
+    },
     "audit": {
         "enabled": True,
         "path": "",
@@ -263,6 +269,7 @@ class HttpConfig:
     host: str = "127.0.0.1"
     port: int = 8080  # 0: any free port, written to http.json
     token_file: Path | None = None  # bearer token for every path but /healthz; required off loopback
+    stow_max_request_mb: int = 2048  # a STOW-RS request larger than this is refused with 413
 
 
 @dataclass(frozen=True)
@@ -458,6 +465,7 @@ def _http(section: Mapping[str, Any], base_dir: Path) -> HttpConfig:
         host=_str(section, "http.host"),
         port=_int(section, "http.port", 0, 65535),
         token_file=_optional_path(section, "http.token_file", base_dir),
+        stow_max_request_mb=_int(section, "http.stow_max_request_mb", 1, 1024 * 1024),
     )
     if config.enabled and config.host not in LOOPBACK_HOSTS and config.token_file is None:
         raise ConfigurationError(

@@ -51,6 +51,8 @@ class Status(enum.IntEnum):
     CANNOT_UNDERSTAND_MISSING_UID = 0xC001  # a required UID is missing or invalid
     CANNOT_UNDERSTAND_UID_MISMATCH = 0xC002  # data set and command disagree on a UID
     CANNOT_UNDERSTAND_INSTANCE_CONFLICT = 0xC003  # SOP Instance UID already held under another study/series
+    # STOW-RS Failure Reason (PS3.18 10.5.3): a part whose transfer syntax the node does not accept
+    REFERENCED_TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
 
 
 # Ranges of C-STORE statuses whose lower byte is implementation specific (PS3.4 B.2.3).

@@ -38,6 +38,7 @@ from dicomnode.config import Config
 from dicomnode.errors import ConfigurationError
 from dicomnode.http import images, queries
 from dicomnode.http.metrics_view import render_metrics
+from dicomnode.http.stow import stow_routes
 from dicomnode.node.process import read_runtime_state
 
 logger = logging.getLogger(__name__)
@@ -340,6 +341,7 @@ def create_app(config: Config, sessions: sessionmaker[Session], *, check_listene
         Route("/studies/{study_instance_uid}/key-images/{sop_instance_uid}.png", key_image),
         Route("/studies/{study_instance_uid}/heatmaps/{sop_instance_uid}/{label}.png", heatmap),
         Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
+        *stow_routes(config, sessions),  # POST /dicom-web/studies: STOW-RS receive (http/stow.py)
     ]
     return Starlette(routes=routes, middleware=[Middleware(Guard, token=node.token)])
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dicomnode import audit
 from dicomnode.config import Config
 from dicomnode.fsio import durable_write
 
@@ -66,6 +67,7 @@ def run_http(config: Config, *, port_file: Path | None = None, check_listener: b
     if not os.environ.get(MULTIPROC_ENV) and metrics_dir(config.storage.path).is_dir():
         enable_multiprocess(metrics_dir(config.storage.path), clean=False)  # a node's files, read only
     services = open_services(config, upgrade=False)
+    audit.configure(config)  # studies received over STOW-RS are audited like C-STORE ones
     app = create_app(config, services.sessions, check_listener=check_listener)
     sock = bind(config.http.host, config.http.port)
     host, port = sock.getsockname()[:2]
@@ -84,4 +86,5 @@ def run_http(config: Config, *, port_file: Path | None = None, check_listener: b
         sock.close()
         (config.storage.path / HTTP_STATE_FILE).unlink(missing_ok=True)
         services.close()
+        audit.shutdown()
     return 0

@@ -34,7 +34,6 @@ from pynetdicom.presentation import PresentationContext
 
 from dicomnode import audit, metrics
 from dicomnode.config import NodeConfig
-from dicomnode.errors import DicomNodeError, InvalidDatasetError, StorageFullError
 from dicomnode.fsio import buffers_size
 from dicomnode.net.association import (
     VERIFICATION_SOP_CLASS,
@@ -47,9 +46,9 @@ from dicomnode.net.association import (
 from dicomnode.net.dimse import Command
 from dicomnode.net.tls import server_ssl_context
 from dicomnode.net.transport import AcceptorServer
-from dicomnode.queue.jobs import InstanceConflictError, InstanceRecord, JobQueue
-from dicomnode.receive.header import PREAMBLE, file_meta_information, header_text, read_header
-from dicomnode.receive.spool import InstanceStore, validate_uid
+from dicomnode.queue.jobs import InstanceRecord, JobQueue
+from dicomnode.receive.ingest import StoreRefused, record_from, safe_uid, store_instance
+from dicomnode.receive.spool import InstanceStore
 from dicomnode.status import OUT_OF_RESOURCES_RANGE, Status, status_label
 
 logger = logging.getLogger(__name__)
@@ -74,21 +73,6 @@ ACCEPTED_TRANSFER_SYNTAXES: tuple[str, ...] = (
     HTJ2K,
     RLELossless,
 )
-
-
-class StoreRefused(DicomNodeError):  # noqa: N818 - the name the layout gives it (a refusal, not a fault)
-    """A C-STORE that is answered with a failure ``status``.
-
-    ``message`` becomes the Error Comment (0000,0902; at most 64 characters, never patient data);
-    ``detail`` is added to the log line only (numbers, the exception type).
-    """
-
-    def __init__(self, status: Status, message: str, *, detail: str = "", sop_instance_uid: str = "") -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.detail = detail
-        self.sop_instance_uid = sop_instance_uid
 
 
 class StorageSCP:
@@ -141,7 +125,7 @@ class StorageSCP:
             log = logger.error if refused.status in OUT_OF_RESOURCES_RANGE else logger.warning
             log(
                 "C-STORE %s refused, %s: %s%s",
-                refused.sop_instance_uid or _safe_uid(command.affected_sop_instance_uid),
+                refused.sop_instance_uid or safe_uid(command.affected_sop_instance_uid),
                 status_label(refused.status),
                 refused.message,
                 f" ({refused.detail})" if refused.detail else "",
@@ -160,58 +144,8 @@ class StorageSCP:
         return Response(Status.SUCCESS)
 
     def _store(self, record: InstanceRecord, meta: bytes, data: list[memoryview]) -> bool:
-        """Write, index and flush; return False for a resend. Raise StoreRefused for every failure."""
-        uid = record.sop_instance_uid
-        try:
-            # The final name appears only by rename after a complete write, so an existing file is an
-            # instance received before (a resend): the first copy is kept. After a power loss, a
-            # file whose data never reached the disk is removed at start (recovery.py).
-            if not self.store.absolute(record.path).exists():
-                self.store.write(record.path, [PREAMBLE, meta, *data])
-        except StorageFullError as exc:
-            raise StoreRefused(
-                Status.OUT_OF_RESOURCES,
-                "cannot store: disk full or below the free-space floor",
-                detail=str(exc),
-                sop_instance_uid=uid,
-            ) from exc
-        except Exception as exc:  # a fault below us of any other kind: nothing acknowledged
-            raise StoreRefused(
-                Status.OUT_OF_RESOURCES,
-                "cannot write the instance file",
-                detail=type(exc).__name__,
-                sop_instance_uid=uid,
-            ) from exc
-        try:
-            recorded = self.queue.record_instance(record)
-        except InstanceConflictError as exc:
-            # A UID names one instance: the copy held is kept and this file must not outlive the refusal.
-            self.store.remove(record.path)
-            raise StoreRefused(
-                Status.CANNOT_UNDERSTAND_INSTANCE_CONFLICT,
-                "SOP Instance UID already held under another Study/Series UID",
-                detail=f"held as {exc.held_path}",
-                sop_instance_uid=uid,
-            ) from exc
-        except Exception as exc:  # the database or anything else below us: nothing acknowledged
-            # The file stays: a resend indexes it, and start-up recovery indexes it if none comes.
-            raise StoreRefused(
-                Status.OUT_OF_RESOURCES,
-                "the instance cannot be indexed",
-                detail=type(exc).__name__,
-                sop_instance_uid=uid,
-            ) from exc
-        try:
-            # one flush makes file, folder entries and the WAL durable (shared with other associations)
-            self.store.flush()
-        except StorageFullError as exc:
-            raise StoreRefused(
-                Status.OUT_OF_RESOURCES,
-                "cannot flush the spool to disk",
-                detail=str(exc),
-                sop_instance_uid=uid,
-            ) from exc
-        return recorded
+        """Write, index and flush (``ingest.store_instance``); return False for a resend."""
+        return store_instance(self.store, self.queue, record, meta, data)
 
     def _record_from(
         self,
@@ -222,58 +156,17 @@ class StorageSCP:
         transfer_syntax_uid: str,
     ) -> tuple[InstanceRecord, bytes]:
         """The index row and the File Meta Information for a received data set, or StoreRefused."""
-        try:
-            header = read_header(data, data_set_size, transfer_syntax_uid)
-            uids = [validate_uid(header.get(keyword), keyword) for keyword in _UID_KEYWORDS]
-        except InvalidDatasetError as exc:
-            raise StoreRefused(Status.CANNOT_UNDERSTAND_MISSING_UID, str(exc)) from exc
-        except Exception as exc:  # unreadable bytes of any kind: refuse, keep serving
-            raise StoreRefused(
-                Status.CANNOT_UNDERSTAND, "the data set cannot be parsed", detail=type(exc).__name__
-            ) from exc
-        sop_instance_uid, sop_class_uid, study_instance_uid, series_instance_uid = uids
-        if sop_instance_uid != command.affected_sop_instance_uid:
-            # PixelMed and dcmsend send real files this way: the data set is the truth (PS3.10 file
-            # names and the index are made from it), so store it under its own UID and say so.
-            logger.info(
-                "C-STORE request names SOP Instance UID %s, its data set %s: stored under the data set's",
-                _safe_uid(command.affected_sop_instance_uid),
-                sop_instance_uid,
-            )
-        if sop_class_uid != command.affected_sop_class_uid:
-            raise StoreRefused(
-                Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
-                "SOPClassUID of the dataset does not match the C-STORE request",
-                sop_instance_uid=sop_instance_uid,
-            )
-        meta = file_meta_information(
-            sop_class_uid, sop_instance_uid, transfer_syntax_uid, association.calling_ae_title
+        return record_from(
+            self.store,
+            data,
+            data_set_size,
+            transfer_syntax_uid,
+            claimed_sop_class_uid=command.affected_sop_class_uid,
+            claimed_sop_instance_uid=command.affected_sop_instance_uid,
+            claimed_by="the C-STORE request",
+            calling_ae_title=association.calling_ae_title,
+            log=logger,
         )
-        record = InstanceRecord(
-            sop_instance_uid=sop_instance_uid,
-            sop_class_uid=sop_class_uid,
-            study_instance_uid=study_instance_uid,
-            series_instance_uid=series_instance_uid,
-            transfer_syntax_uid=transfer_syntax_uid,
-            path=self.store.relative_path(study_instance_uid, series_instance_uid, sop_instance_uid),
-            size_bytes=len(PREAMBLE) + len(meta) + data_set_size,  # the file's size
-            patient_id=header_text(header, "PatientID", 64),
-            study_date=header_text(header, "StudyDate", 8),
-            modality=header_text(header, "Modality", 16),
-            calling_ae_title=association.calling_ae_title[:16] or None,
-        )
-        return record, meta
-
-
-_UID_KEYWORDS = ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID")
-
-
-def _safe_uid(value: str) -> str:
-    """A UID for a log line, or a placeholder when the peer sent something that is not one."""
-    try:
-        return validate_uid(value, "AffectedSOPInstanceUID")
-    except InvalidDatasetError:
-        return "<invalid UID>"
 
 
 def storage_sop_classes() -> list[str]:
