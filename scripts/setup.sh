@@ -27,7 +27,7 @@ APT_PACKAGES=(dcmtk python3-venv)
 # the PACS, the DICOM validators, PixelMed's SR validator (which pulls in Java), the PostgreSQL
 # server the contract tests start for themselves and the headless browser of the dashboard test:
 # only for the tests
-TEST_APT_PACKAGES=(orthanc dicom3tools pixelmed-apps postgresql chromium chromium-driver)
+TEST_APT_PACKAGES=(orthanc orthanc-dicomweb dicom3tools pixelmed-apps postgresql chromium chromium-driver)
 [ "$WITH_TESTS" -eq 1 ] && APT_PACKAGES+=("${TEST_APT_PACKAGES[@]}")
 STEPS=4
 

@@ -1,0 +1,469 @@
+"""DICOMweb destinations: STOW-RS delivery to a real Orthanc with its DICOMweb plugin, and to a small
+local STOW-RS endpoint (``http.server``) that answers chosen per-object failures.
+
+The sender, outbox, retries and dead letters are the same as for C-STORE (``tests/test_sender.py``);
+these tests check what is particular to DICOMweb: the multipart request, the response's Referenced
+and Failed SOP Sequences, HTTP statuses, credentials, the server being down, configuration keys.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import json
+import logging
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pytest
+from peers import free_port, start_orthanc
+from pydicom import dcmread
+from sqlalchemy.orm import Session, sessionmaker
+from test_sender import add_result, later, make_sender, outbox
+
+from dicomnode import migrate
+from dicomnode.config import DestinationConfig, load_config
+from dicomnode.db import DeliveryState, make_engine, make_sessionmaker, utcnow
+from dicomnode.deliver.status import Verdict, classify_failure_reason, classify_http
+from dicomnode.deliver.stow import parse_response
+from dicomnode.errors import ConfigurationError
+from dicomnode.queue.outbox import OutboxQueue
+
+SR = "test-SR.dcm"  # a Basic Text SR from pydicom's test files
+KEY_IMAGE = "SC_rgb.dcm"  # an RGB Secondary Capture, as dicomnode's key images are
+
+
+@pytest.fixture
+def sessions(tmp_path: Path) -> sessionmaker[Session]:
+    engine = make_engine(f"sqlite:///{tmp_path}/db.sqlite")
+    migrate.upgrade(engine)
+    return make_sessionmaker(engine)
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> Path:
+    root = tmp_path / "var"
+    (root / "results").mkdir(parents=True)
+    return root
+
+
+@pytest.fixture
+def peers() -> Iterator[list[Any]]:
+    """Collects started peers and stops them all in teardown."""
+    started: list[Any] = []
+    yield started
+    for peer in started:
+        peer.stop()
+
+
+def dicomweb(url: str, name: str = "web", **kwargs: Any) -> DestinationConfig:
+    return DestinationConfig(
+        name=name, ae_title="", host="127.0.0.1", port=0, type="dicomweb", url=url, **kwargs
+    )
+
+
+# --- the answer's meaning (pure) -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("code", "verdict", "words"),
+    [
+        (200, Verdict.DELIVERED, "stored"),
+        (202, Verdict.DELIVERED, "stored"),
+        (400, Verdict.DEAD, "rejected the request permanently"),
+        (409, Verdict.DEAD, "rejected the request permanently"),
+        (401, Verdict.DEAD, "check token_file"),
+        (403, Verdict.DEAD, "check token_file"),
+        (404, Verdict.DEAD, "check its url"),
+        (415, Verdict.DEAD, "permanently"),
+        (408, Verdict.RETRY, "failed the request"),
+        (429, Verdict.RETRY, "failed the request"),
+        (500, Verdict.RETRY, "failed the request"),
+        (503, Verdict.RETRY, "failed the request"),
+    ],
+)
+def test_classify_http(code: int, verdict: Verdict, words: str) -> None:
+    outcome = classify_http(code, "Phrase", "token_file")
+    assert outcome.verdict is verdict
+    assert words in outcome.reason and f"HTTP {code}" in outcome.reason
+
+
+@pytest.mark.parametrize(
+    ("reason", "verdict"),
+    [(0xC000, Verdict.DEAD), (0xA900, Verdict.DEAD), (0x0122, Verdict.DEAD), (0xA700, Verdict.RETRY),
+     (0x0110, Verdict.RETRY), (0x0000, Verdict.RETRY)],
+)  # fmt: skip
+def test_failure_reasons_follow_the_dimse_policy(reason: int, verdict: Verdict) -> None:
+    assert classify_failure_reason(reason).verdict is verdict
+
+
+def stow_json(
+    stored: list[str], failed: dict[str, int], warned: dict[str, int] | None = None
+) -> dict[str, Any]:
+    """A STOW-RS response data set in DICOM JSON (PS3.18 F.2)."""
+    document: dict[str, Any] = {"00081190": {"vr": "UR", "Value": ["http://peer/studies/1"]}}
+    if stored:
+        items = []
+        for uid in stored:
+            item: dict[str, Any] = {
+                "00081150": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.88.11"]},
+                "00081155": {"vr": "UI", "Value": [uid]},
+            }
+            if warned and uid in warned:
+                item["00081196"] = {"vr": "US", "Value": [warned[uid]]}
+            items.append(item)
+        document["00081199"] = {"vr": "SQ", "Value": items}
+    if failed:
+        document["00081198"] = {
+            "vr": "SQ",
+            "Value": [
+                {
+                    "00081150": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.88.11"]},
+                    "00081155": {"vr": "UI", "Value": [uid]},
+                    "00081197": {"vr": "US", "Value": [reason]},
+                }
+                for uid, reason in failed.items()
+            ],
+        }
+    return document
+
+
+def stow_xml(stored: list[str], failed: dict[str, int]) -> bytes:
+    """The same in the Native DICOM Model (PS3.19 A.1)."""
+
+    def item(number: int, uid: str, reason: int | None) -> str:
+        extra = (
+            f'<DicomAttribute tag="00081197" vr="US"><Value number="1">{reason}</Value></DicomAttribute>'
+            if reason is not None
+            else ""
+        )
+        return (
+            f'<Item number="{number}"><DicomAttribute tag="00081155" vr="UI">'
+            f'<Value number="1">{uid}</Value></DicomAttribute>{extra}</Item>'
+        )
+
+    referenced = "".join(item(i + 1, uid, None) for i, uid in enumerate(stored))
+    failures = "".join(item(i + 1, uid, r) for i, (uid, r) in enumerate(failed.items()))
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?><NativeDicomModel xml:space="preserve">'
+        f'<DicomAttribute tag="00081199" vr="SQ">{referenced}</DicomAttribute>'
+        f'<DicomAttribute tag="00081198" vr="SQ">{failures}</DicomAttribute></NativeDicomModel>'
+    ).encode()
+
+
+def test_parse_response_reads_json_and_xml() -> None:
+    document = stow_json(["1.2.3"], {"1.2.4": 0xC000}, warned={"1.2.3": 0xB000})
+    for body, media in (
+        (json.dumps(document).encode(), "application/dicom+json"),
+        (json.dumps([document]).encode(), "application/json"),
+    ):
+        parsed = parse_response(body, media)
+        assert parsed.stored == {"1.2.3": 0xB000} and parsed.failed == {"1.2.4": 0xC000}
+    parsed = parse_response(stow_xml(["1.2.3"], {"1.2.4": 0xA900}), "application/dicom+xml; charset=utf-8")
+    assert parsed.stored == {"1.2.3": None} and parsed.failed == {"1.2.4": 0xA900}
+
+
+# --- configuration ---------------------------------------------------------------------------------
+
+
+def config_with(tmp_path: Path, destination: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f'[storage]\npath = "var"\n\n[[destinations]]\nname = "web"\n{destination}\n', encoding="utf-8"
+    )
+    return path
+
+
+def test_dicomweb_destination_configuration(tmp_path: Path) -> None:
+    (tmp_path / "password").write_text("secret\n")
+    (tmp_path / "ca.pem").write_text("not read at load time\n")
+    config = load_config(
+        config_with(
+            tmp_path,
+            'type = "dicomweb"\nurl = "https://pacs.example:8443/dicom-web/"\nusername = "node"\n'
+            'password_file = "password"\ntls = { ca_certificates = "ca.pem" }',
+        )
+    )
+    (web,) = config.destinations
+    assert (web.type, web.url, web.host, web.port) == (
+        "dicomweb",
+        "https://pacs.example:8443/dicom-web",
+        "pacs.example",
+        8443,
+    )
+    assert (web.username, web.password_file, web.token_file) == ("node", tmp_path / "password", None)
+    assert web.tls is not None and web.tls.ca_certificates == tmp_path / "ca.pem"
+    dimse = load_config(config_with(tmp_path, 'type = "dimse"\nae_title = "PACS"\nhost = "h"\nport = 104'))
+    assert dimse.destinations[0].type == "dimse" and dimse.destinations[0].url == ""
+
+
+WEB = 'type = "dicomweb"\nurl = "http://pacs/x"\n'
+
+
+@pytest.mark.parametrize(
+    ("destination", "key", "words"),
+    [
+        ('type = "dicomweb"', "url", "required"),
+        ('type = "dicomweb"\nurl = "ftp://pacs/dicom-web"', "url", "http"),
+        ('type = "dicomweb"\nurl = "http://u:p@pacs/dicom-web"', "url", "credentials"),
+        (WEB + 'ae_title = "PACS"', "ae_title", "dimse"),
+        (WEB + "port = 104", "port", "dimse"),
+        (WEB + "tls = true", "tls", "https"),
+        (WEB + 'username = "a"', "password_file", "together"),
+        (WEB + 'token_file = "t"\nusername = "a"\npassword_file = "p"', "token_file", "not both"),
+        (WEB + 'token_file = "missing"', "token_file", "exist"),
+        ('ae_title = "PACS"\nhost = "h"\nport = 104\nurl = "http://pacs/x"', "url", "dicomweb"),
+        ('type = "wado"\nae_title = "PACS"\nhost = "h"\nport = 104', "type", "dicomweb"),
+        (WEB + 'hots = "h"', "hots", "unknown key"),
+    ],
+)  # fmt: skip
+def test_dicomweb_configuration_contradictions_name_the_key(
+    tmp_path: Path, destination: str, key: str, words: str
+) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        load_config(config_with(tmp_path, destination))
+    assert caught.value.key == f"destinations[0].{key}" and words in str(caught.value)
+
+
+# --- Orthanc with its DICOMweb plugin --------------------------------------------------------------
+
+
+def test_sr_and_key_image_are_delivered_to_orthanc_by_stow_rs(
+    sessions: sessionmaker[Session],
+    storage: Path,
+    peers: list[Any],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    orthanc = start_orthanc(tmp_path, dicomweb=True)
+    peers.append(orthanc)
+    rows = [
+        add_result(sessions, storage, SR, dest="web"),
+        add_result(sessions, storage, KEY_IMAGE, dest="web"),
+    ]
+    sender = make_sender(sessions, storage, dicomweb(orthanc.dicomweb_url))
+    with caplog.at_level(logging.INFO, logger="dicomnode.deliver"):
+        assert sender.run_once() == 2
+    uids = {outbox(sessions, row).sop_instance_uid for row in rows}
+    for row in rows:
+        record = outbox(sessions, row)
+        assert (record.state, record.last_error, record.attempts) == (DeliveryState.DELIVERED, None, 1)
+    assert uids <= orthanc.sop_instance_uids()
+    assert all(uid in caplog.text for uid in uids) and "web" in caplog.text
+    assert "Lestrade" not in caplog.text and "Test^S" not in caplog.text  # no patient names in the log
+
+
+def test_basic_auth_is_accepted_and_a_wrong_password_is_dead_with_a_401_message(
+    sessions: sessionmaker[Session], storage: Path, peers: list[Any], tmp_path: Path
+) -> None:
+    orthanc = start_orthanc(tmp_path, dicomweb=True, users={"node": "right-password"})
+    peers.append(orthanc)
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    good.write_text("right-password\n")
+    bad.write_text("wrong-password\n")
+    ok = add_result(sessions, storage, SR, dest="ok")
+    refused = add_result(sessions, storage, SR, dest="refused")
+    sender = make_sender(
+        sessions,
+        storage,
+        dicomweb(orthanc.dicomweb_url, name="ok", username="node", password_file=good),
+        dicomweb(orthanc.dicomweb_url, name="refused", username="node", password_file=bad),
+    )
+    assert sender.run_once() == 2
+    assert outbox(sessions, ok).state is DeliveryState.DELIVERED
+    dead = outbox(sessions, refused)
+    assert dead.state is DeliveryState.DEAD
+    assert dead.last_error is not None
+    assert "HTTP 401" in dead.last_error and "password_file" in dead.last_error
+    assert orthanc.sop_instance_uids() == {outbox(sessions, ok).sop_instance_uid}
+
+
+def test_orthanc_down_is_retried_and_delivered_once_it_is_back(
+    sessions: sessionmaker[Session], storage: Path, peers: list[Any], tmp_path: Path
+) -> None:
+    orthanc = start_orthanc(tmp_path, dicomweb=True)
+    peers.append(orthanc)
+    orthanc.stop()
+    row = add_result(sessions, storage, KEY_IMAGE, dest="web")
+    sender = make_sender(sessions, storage, dicomweb(orthanc.dicomweb_url))
+    before = utcnow()
+    assert sender.run_once() == 1
+    pending = outbox(sessions, row)
+    assert pending.state is DeliveryState.PENDING and pending.attempts == 1
+    assert pending.last_error is not None and "could not reach" in pending.last_error
+    assert pending.next_attempt_at > before
+    assert sender.run_once() == 0  # not due yet
+
+    orthanc.start()
+    assert sender.run_once(now=later(301)) == 1  # past the longest backoff (retry_max_seconds 300)
+    assert outbox(sessions, row).state is DeliveryState.DELIVERED
+    assert outbox(sessions, row).sop_instance_uid in orthanc.sop_instance_uids()
+
+
+# --- a local STOW-RS endpoint that refuses chosen objects ------------------------------------------
+
+
+@dataclass
+class StowPeer:
+    """``POST /dicom-web/studies`` on loopback: parses the multipart body, answers what it is told."""
+
+    server: ThreadingHTTPServer
+    answer: Any = None  # (status, content type, body) from the UIDs received
+    requests: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/dicom-web"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def stow_peer() -> Iterator[StowPeer]:
+    peer: StowPeer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            content_type = self.headers["Content-Type"]
+            message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+                f"Content-Type: {content_type}\r\n\r\n".encode() + body
+            )
+            parts = [p for p in message.iter_parts()]
+            uids = [str(dcmread(BytesIO(p.get_payload(decode=True))).SOPInstanceUID) for p in parts]
+            peer.requests.append(
+                {
+                    "path": self.path,
+                    "content_type": content_type,
+                    "part_types": [p.get_content_type() for p in parts],
+                    "uids": uids,
+                    "authorization": self.headers.get("Authorization"),
+                }
+            )
+            status, media, payload = peer.answer(uids)
+            self.send_response(status)
+            self.send_header("Content-Type", media)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    peer = StowPeer(server)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield peer
+    peer.stop()
+    thread.join(10)
+
+
+def test_peer_refusing_one_object_is_tracked_per_object(
+    sessions: sessionmaker[Session], storage: Path, stow_peer: StowPeer, tmp_path: Path
+) -> None:
+    """202 with one object stored, one refused (0xC000: dead), one out of resources (0xA700: retried)."""
+    rows = [add_result(sessions, storage, name, dest="web") for name in (SR, KEY_IMAGE, SR)]
+    kept, refused, busy = (outbox(sessions, r).sop_instance_uid for r in rows)
+    stow_peer.answer = lambda uids: (
+        202,
+        "application/dicom+json",
+        json.dumps(stow_json([kept], {refused: 0xC000, busy: 0xA700})).encode(),
+    )
+    token = tmp_path / "token"
+    token.write_text("s3cret-token\n")
+    sender = make_sender(sessions, storage, dicomweb(stow_peer.url, token_file=token))
+    assert sender.run_once() == 3
+    (request,) = stow_peer.requests
+    assert request["path"] == "/dicom-web/studies"
+    assert request["content_type"].startswith('multipart/related; type="application/dicom"; boundary=')
+    assert request["part_types"] == ["application/dicom"] * 3
+    assert request["uids"] == [kept, refused, busy]
+    assert request["authorization"] == "Bearer s3cret-token"
+    assert outbox(sessions, rows[0]).state is DeliveryState.DELIVERED
+    dead = outbox(sessions, rows[1])
+    assert dead.state is DeliveryState.DEAD and dead.last_status == 0xC000
+    assert "0xC000" in (dead.last_error or "")
+    pending = outbox(sessions, rows[2])
+    assert pending.state is DeliveryState.PENDING and pending.last_status == 0xA700
+
+    OutboxQueue(sessions, ["web"]).retry(job_id=dead.job_id)  # dicomnode retry, after the peer is fixed
+    stow_peer.answer = lambda uids: (
+        200, "application/dicom+xml", stow_xml(list(uids), {})
+    )  # fmt: skip
+    assert sender.run_once(now=later(301)) == 2
+    assert {outbox(sessions, r).state for r in rows} == {DeliveryState.DELIVERED}
+    assert sorted(stow_peer.requests[1]["uids"]) == sorted([refused, busy])
+
+
+def test_409_and_server_errors(sessions: sessionmaker[Session], storage: Path, stow_peer: StowPeer) -> None:
+    """409 naming the object's failure reason is dead with it; 503 and an unreadable 409 are as documented."""
+    sender = make_sender(sessions, storage, dicomweb(stow_peer.url))
+    row = add_result(sessions, storage, SR, dest="web")
+    stow_peer.answer = lambda uids: (
+        409,
+        "application/dicom+json",
+        json.dumps(stow_json([], {uids[0]: 0xA900})).encode(),
+    )
+    sender.run_once()
+    dead = outbox(sessions, row)
+    assert dead.state is DeliveryState.DEAD and dead.last_status == 0xA900
+
+    row = add_result(sessions, storage, SR, dest="web")
+    stow_peer.answer = lambda uids: (503, "text/plain", b"maintenance")
+    sender.run_once()
+    pending = outbox(sessions, row)
+    assert pending.state is DeliveryState.PENDING and "HTTP 503" in (pending.last_error or "")
+
+    row = add_result(sessions, storage, SR, dest="web")
+    stow_peer.answer = lambda uids: (409, "text/plain", b"duplicate study")
+    sender.run_once()
+    dead = outbox(sessions, row)
+    assert dead.state is DeliveryState.DEAD and "HTTP 409" in (dead.last_error or "")
+    assert "duplicate study" in (dead.last_error or "")  # the peer's text is stored as its comment
+
+
+def test_unlisted_object_after_202_is_retried(
+    sessions: sessionmaker[Session], storage: Path, stow_peer: StowPeer
+) -> None:
+    sender = make_sender(sessions, storage, dicomweb(stow_peer.url))
+    rows = [add_result(sessions, storage, SR, dest="web") for _ in range(2)]
+    stow_peer.answer = lambda uids: (
+        202,
+        "application/dicom+json",
+        json.dumps(stow_json([uids[0]], {})).encode(),
+    )
+    sender.run_once()
+    assert [outbox(sessions, r).state for r in rows] == [DeliveryState.DELIVERED, DeliveryState.PENDING]
+
+
+def test_timeout_is_retried(sessions: sessionmaker[Session], storage: Path, tmp_path: Path) -> None:
+    """A peer that accepts the connection and never answers: retried after delivery.timeout_seconds."""
+    import socket
+
+    from dicomnode.config import DeliveryConfig
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        policy = DeliveryConfig(5, 300, 72, 0.05, timeout_seconds=0.5)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/dicom-web"
+        sender = make_sender(sessions, storage, dicomweb(url), policy=policy)
+        row = add_result(sessions, storage, SR, dest="web")
+        sender.run_once()
+    pending = outbox(sessions, row)
+    assert pending.state is DeliveryState.PENDING and "within 0.5 s" in (pending.last_error or "")
+
+
+def test_connection_refused_is_retried(sessions: sessionmaker[Session], storage: Path) -> None:
+    sender = make_sender(sessions, storage, dicomweb(f"http://127.0.0.1:{free_port()}/dicom-web"))
+    row = add_result(sessions, storage, SR, dest="web")
+    sender.run_once()
+    assert outbox(sessions, row).state is DeliveryState.PENDING
