@@ -3,7 +3,8 @@ local STOW-RS endpoint (``http.server``) that answers chosen per-object failures
 
 The sender, outbox, retries and dead letters are the same as for C-STORE (``tests/test_sender.py``);
 these tests check what is particular to DICOMweb: the multipart request, the response's Referenced
-and Failed SOP Sequences, HTTP statuses, credentials, the server being down, configuration keys.
+and Failed SOP Sequences, HTTP statuses, credentials, the server being down. The answers' meaning
+and the configuration keys are tested without a network in ``tests/test_stow_policy.py``.
 """
 
 from __future__ import annotations
@@ -25,17 +26,17 @@ from corpus import pneumonia_images_dir
 from e2e_helpers import NodeProcess, storescu, wait_for, wrap_radiograph, write_node_config
 from peers import free_port, start_orthanc
 from pydicom import dcmread
+from pydicom.filereader import read_file_meta_info
+from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy.orm import Session, sessionmaker
 from test_e2e import models_dir, study_entry, wait_for_results  # noqa: F401 - the session's installed default model
 from test_sender import add_result, later, make_sender, outbox
+from test_stow_policy import stow_json, stow_xml
 
 from dicomnode import migrate
-from dicomnode.config import DestinationConfig, load_config
+from dicomnode.config import DestinationConfig
 from dicomnode.db import DeliveryState, make_engine, make_sessionmaker, utcnow
-from dicomnode.deliver.status import Verdict, classify_failure_reason, classify_http
-from dicomnode.deliver.stow import parse_response
-from dicomnode.errors import ConfigurationError
 from dicomnode.queue.outbox import OutboxQueue
 
 SR = "test-SR.dcm"  # a Basic Text SR from pydicom's test files
@@ -69,169 +70,6 @@ def dicomweb(url: str, name: str = "web", **kwargs: Any) -> DestinationConfig:
     return DestinationConfig(
         name=name, ae_title="", host="127.0.0.1", port=0, type="dicomweb", url=url, **kwargs
     )
-
-
-# --- the answer's meaning (pure) -------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("code", "verdict", "words"),
-    [
-        (200, Verdict.DELIVERED, "stored"),
-        (202, Verdict.DELIVERED, "stored"),
-        (400, Verdict.DEAD, "rejected the request permanently"),
-        (409, Verdict.DEAD, "rejected the request permanently"),
-        (401, Verdict.DEAD, "check token_file"),
-        (403, Verdict.DEAD, "check token_file"),
-        (404, Verdict.DEAD, "check its url"),
-        (415, Verdict.DEAD, "permanently"),
-        (408, Verdict.RETRY, "failed the request"),
-        (429, Verdict.RETRY, "failed the request"),
-        (500, Verdict.RETRY, "failed the request"),
-        (503, Verdict.RETRY, "failed the request"),
-    ],
-)
-def test_classify_http(code: int, verdict: Verdict, words: str) -> None:
-    outcome = classify_http(code, "Phrase", "token_file")
-    assert outcome.verdict is verdict
-    assert words in outcome.reason and f"HTTP {code}" in outcome.reason
-
-
-@pytest.mark.parametrize(
-    ("reason", "verdict"),
-    [(0xC000, Verdict.DEAD), (0xA900, Verdict.DEAD), (0x0122, Verdict.DEAD), (0xA700, Verdict.RETRY),
-     (0x0110, Verdict.RETRY), (0x0000, Verdict.RETRY)],
-)  # fmt: skip
-def test_failure_reasons_follow_the_dimse_policy(reason: int, verdict: Verdict) -> None:
-    assert classify_failure_reason(reason).verdict is verdict
-
-
-def stow_json(
-    stored: list[str], failed: dict[str, int], warned: dict[str, int] | None = None
-) -> dict[str, Any]:
-    """A STOW-RS response data set in DICOM JSON (PS3.18 F.2)."""
-    document: dict[str, Any] = {"00081190": {"vr": "UR", "Value": ["http://peer/studies/1"]}}
-    if stored:
-        items = []
-        for uid in stored:
-            item: dict[str, Any] = {
-                "00081150": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.88.11"]},
-                "00081155": {"vr": "UI", "Value": [uid]},
-            }
-            if warned and uid in warned:
-                item["00081196"] = {"vr": "US", "Value": [warned[uid]]}
-            items.append(item)
-        document["00081199"] = {"vr": "SQ", "Value": items}
-    if failed:
-        document["00081198"] = {
-            "vr": "SQ",
-            "Value": [
-                {
-                    "00081150": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.88.11"]},
-                    "00081155": {"vr": "UI", "Value": [uid]},
-                    "00081197": {"vr": "US", "Value": [reason]},
-                }
-                for uid, reason in failed.items()
-            ],
-        }
-    return document
-
-
-def stow_xml(stored: list[str], failed: dict[str, int]) -> bytes:
-    """The same in the Native DICOM Model (PS3.19 A.1)."""
-
-    def item(number: int, uid: str, reason: int | None) -> str:
-        extra = (
-            f'<DicomAttribute tag="00081197" vr="US"><Value number="1">{reason}</Value></DicomAttribute>'
-            if reason is not None
-            else ""
-        )
-        return (
-            f'<Item number="{number}"><DicomAttribute tag="00081155" vr="UI">'
-            f'<Value number="1">{uid}</Value></DicomAttribute>{extra}</Item>'
-        )
-
-    referenced = "".join(item(i + 1, uid, None) for i, uid in enumerate(stored))
-    failures = "".join(item(i + 1, uid, r) for i, (uid, r) in enumerate(failed.items()))
-    return (
-        '<?xml version="1.0" encoding="UTF-8"?><NativeDicomModel xml:space="preserve">'
-        f'<DicomAttribute tag="00081199" vr="SQ">{referenced}</DicomAttribute>'
-        f'<DicomAttribute tag="00081198" vr="SQ">{failures}</DicomAttribute></NativeDicomModel>'
-    ).encode()
-
-
-def test_parse_response_reads_json_and_xml() -> None:
-    document = stow_json(["1.2.3"], {"1.2.4": 0xC000}, warned={"1.2.3": 0xB000})
-    for body, media in (
-        (json.dumps(document).encode(), "application/dicom+json"),
-        (json.dumps([document]).encode(), "application/json"),
-    ):
-        parsed = parse_response(body, media)
-        assert parsed.stored == {"1.2.3": 0xB000} and parsed.failed == {"1.2.4": 0xC000}
-    parsed = parse_response(stow_xml(["1.2.3"], {"1.2.4": 0xA900}), "application/dicom+xml; charset=utf-8")
-    assert parsed.stored == {"1.2.3": None} and parsed.failed == {"1.2.4": 0xA900}
-
-
-# --- configuration ---------------------------------------------------------------------------------
-
-
-def config_with(tmp_path: Path, destination: str) -> Path:
-    path = tmp_path / "config.toml"
-    path.write_text(
-        f'[storage]\npath = "var"\n\n[[destinations]]\nname = "web"\n{destination}\n', encoding="utf-8"
-    )
-    return path
-
-
-def test_dicomweb_destination_configuration(tmp_path: Path) -> None:
-    (tmp_path / "password").write_text("secret\n")
-    (tmp_path / "ca.pem").write_text("not read at load time\n")
-    config = load_config(
-        config_with(
-            tmp_path,
-            'type = "dicomweb"\nurl = "https://pacs.example:8443/dicom-web/"\nusername = "node"\n'
-            'password_file = "password"\ntls = { ca_certificates = "ca.pem" }',
-        )
-    )
-    (web,) = config.destinations
-    assert (web.type, web.url, web.host, web.port) == (
-        "dicomweb",
-        "https://pacs.example:8443/dicom-web",
-        "pacs.example",
-        8443,
-    )
-    assert (web.username, web.password_file, web.token_file) == ("node", tmp_path / "password", None)
-    assert web.tls is not None and web.tls.ca_certificates == tmp_path / "ca.pem"
-    dimse = load_config(config_with(tmp_path, 'type = "dimse"\nae_title = "PACS"\nhost = "h"\nport = 104'))
-    assert dimse.destinations[0].type == "dimse" and dimse.destinations[0].url == ""
-
-
-WEB = 'type = "dicomweb"\nurl = "http://pacs/x"\n'
-
-
-@pytest.mark.parametrize(
-    ("destination", "key", "words"),
-    [
-        ('type = "dicomweb"', "url", "required"),
-        ('type = "dicomweb"\nurl = "ftp://pacs/dicom-web"', "url", "http"),
-        ('type = "dicomweb"\nurl = "http://u:p@pacs/dicom-web"', "url", "credentials"),
-        (WEB + 'ae_title = "PACS"', "ae_title", "dimse"),
-        (WEB + "port = 104", "port", "dimse"),
-        (WEB + "tls = true", "tls", "https"),
-        (WEB + 'username = "a"', "password_file", "together"),
-        (WEB + 'token_file = "t"\nusername = "a"\npassword_file = "p"', "token_file", "not both"),
-        (WEB + 'token_file = "missing"', "token_file", "exist"),
-        ('ae_title = "PACS"\nhost = "h"\nport = 104\nurl = "http://pacs/x"', "url", "dicomweb"),
-        ('type = "wado"\nae_title = "PACS"\nhost = "h"\nport = 104', "type", "dicomweb"),
-        (WEB + 'hots = "h"', "hots", "unknown key"),
-    ],
-)  # fmt: skip
-def test_dicomweb_configuration_contradictions_name_the_key(
-    tmp_path: Path, destination: str, key: str, words: str
-) -> None:
-    with pytest.raises(ConfigurationError) as caught:
-        load_config(config_with(tmp_path, destination))
-    assert caught.value.key == f"destinations[0].{key}" and words in str(caught.value)
 
 
 # --- Orthanc with its DICOMweb plugin --------------------------------------------------------------
@@ -307,6 +145,28 @@ def test_orthanc_down_is_retried_and_delivered_once_it_is_back(
     assert sender.run_once(now=later(301)) == 1  # past the longest backoff (retry_max_seconds 300)
     assert outbox(sessions, row).state is DeliveryState.DELIVERED
     assert outbox(sessions, row).sop_instance_uid in orthanc.sop_instance_uids()
+
+
+def test_orthanc_refusing_one_object_of_a_batch_is_dead_and_the_rest_delivered(
+    sessions: sessionmaker[Session], storage: Path, peers: list[Any], tmp_path: Path
+) -> None:
+    """A result file whose data set Orthanc cannot parse: HTTP 400 listing only the good object."""
+    orthanc = start_orthanc(tmp_path, dicomweb=True)
+    peers.append(orthanc)
+    good = add_result(sessions, storage, SR, dest="web")
+    broken = add_result(sessions, storage, SR, dest="web")
+    path = storage / outbox(sessions, broken).path
+    meta = read_file_meta_info(path)
+    head = BytesIO()
+    head.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(head, meta)
+    path.write_bytes(head.getvalue() + b"\x08\x00\x16\x00UI\xff\xff" + b"garbage" * 10)
+    sender = make_sender(sessions, storage, dicomweb(orthanc.dicomweb_url))
+    assert sender.run_once() == 2
+    assert outbox(sessions, good).state is DeliveryState.DELIVERED
+    dead = outbox(sessions, broken)
+    assert dead.state is DeliveryState.DEAD and "HTTP 400" in (dead.last_error or "")
+    assert orthanc.sop_instance_uids() == {outbox(sessions, good).sop_instance_uid}
 
 
 # --- a local STOW-RS endpoint that refuses chosen objects ------------------------------------------

@@ -134,7 +134,8 @@ def outcomes(
                 yield item, Outcome(Verdict.DELIVERED, f"stored with warning {status_name(warning)}", warning)
         elif code == 200 or whole.verdict is not Verdict.DELIVERED:
             # 200: every object stored (PS3.18 10.5.3); an error status holds for the unnamed objects
-            yield item, Outcome(whole.verdict, whole.reason, None, detail)
+            status = 0x0000 if whole.verdict is Verdict.DELIVERED else None
+            yield item, Outcome(whole.verdict, whole.reason, status, detail)
         else:  # 202 or another 2xx that does not name this object: ask again later
             yield (
                 item,
