@@ -9,10 +9,12 @@ and the configuration keys are tested without a network in ``tests/test_stow_pol
 
 from __future__ import annotations
 
+import contextlib
 import email.parser
 import email.policy
 import json
 import logging
+import ssl
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,9 +35,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from test_e2e import models_dir, study_entry, wait_for_results  # noqa: F401 - the session's installed default model
 from test_sender import add_result, later, make_sender, outbox
 from test_stow_policy import stow_json, stow_xml
+from test_tls import pki  # noqa: F401 - the module's test CA, server and client certificates
 
 from dicomnode import migrate
-from dicomnode.config import DestinationConfig
+from dicomnode.config import DestinationConfig, DestinationTLSConfig
 from dicomnode.db import DeliveryState, make_engine, make_sessionmaker, utcnow
 from dicomnode.queue.outbox import OutboxQueue
 
@@ -179,10 +182,11 @@ class StowPeer:
     server: ThreadingHTTPServer
     answer: Any = None  # (status, content type, body) from the UIDs received
     requests: list[dict[str, Any]] = field(default_factory=list)
+    scheme: str = "http"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/dicom-web"
+        return f"{self.scheme}://127.0.0.1:{self.server.server_address[1]}/dicom-web"
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -191,6 +195,13 @@ class StowPeer:
 
 @pytest.fixture
 def stow_peer() -> Iterator[StowPeer]:
+    with running_stow_peer() as peer:
+        yield peer
+
+
+@contextlib.contextmanager
+def running_stow_peer(tls: ssl.SSLContext | None = None) -> Iterator[StowPeer]:
+    """A :class:`StowPeer` on a free loopback port, over HTTPS with ``tls``."""
     peer: StowPeer
 
     class Handler(BaseHTTPRequestHandler):
@@ -209,6 +220,7 @@ def stow_peer() -> Iterator[StowPeer]:
                     "part_types": [p.get_content_type() for p in parts],
                     "uids": uids,
                     "authorization": self.headers.get("Authorization"),
+                    "client_certificate": _peer_subject(self.connection),
                 }
             )
             status, media, payload = peer.answer(uids)
@@ -222,12 +234,27 @@ def stow_peer() -> Iterator[StowPeer]:
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    peer = StowPeer(server)
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
+    peer = StowPeer(server, scheme="https" if tls else "http")
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield peer
-    peer.stop()
-    thread.join(10)
+    try:
+        yield peer
+    finally:
+        peer.stop()
+        thread.join(10)
+
+
+def _peer_subject(connection: Any) -> str | None:
+    """The common name of the client's certificate on a TLS connection (None: none, or plain TCP)."""
+    if not isinstance(connection, ssl.SSLSocket):
+        return None
+    certificate = connection.getpeercert()
+    names = [
+        value for rdn in (certificate or {}).get("subject", ()) for key, value in rdn if key == "commonName"
+    ]
+    return names[0] if names else None
 
 
 def test_peer_refusing_one_object_is_tracked_per_object(
@@ -306,6 +333,36 @@ def test_unlisted_object_after_202_is_retried(
     )
     sender.run_once()
     assert [outbox(sessions, r).state for r in rows] == [DeliveryState.DELIVERED, DeliveryState.PENDING]
+
+
+def test_https_verifies_the_server_against_the_ca_and_presents_our_certificate(
+    sessions: sessionmaker[Session],
+    storage: Path,
+    pki: Path,  # noqa: F811 - the fixture imported from test_tls
+) -> None:
+    """[destinations.tls]: the CA bundle verifies the server; the client certificate is presented.
+    Without it the system's CAs do not know the test CA: the handshake fails and the row is retried."""
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki / "ca.crt"))
+    server.load_cert_chain(str(pki / "server.crt"), str(pki / "server.key"))
+    server.verify_mode = ssl.CERT_REQUIRED
+    with running_stow_peer(server) as peer:
+        peer.answer = lambda uids: (200, "application/dicom+json", json.dumps(stow_json(uids, {})).encode())
+        tls = DestinationTLSConfig(pki / "ca.crt", pki / "client.crt", pki / "client.key")
+        secure = add_result(sessions, storage, SR, dest="secure")
+        unverified = add_result(sessions, storage, SR, dest="unverified")
+        sender = make_sender(
+            sessions,
+            storage,
+            dicomweb(peer.url, name="secure", tls=tls),
+            dicomweb(peer.url, name="unverified"),
+        )
+        assert sender.run_once() == 2
+    assert outbox(sessions, secure).state is DeliveryState.DELIVERED
+    assert [r["client_certificate"] for r in peer.requests] == ["client"]
+    pending = outbox(sessions, unverified)
+    assert pending.state is DeliveryState.PENDING and "CERTIFICATE_VERIFY_FAILED" in (
+        pending.last_error or ""
+    )
 
 
 def test_timeout_is_retried(sessions: sessionmaker[Session], storage: Path, tmp_path: Path) -> None:
