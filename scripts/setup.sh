@@ -27,7 +27,7 @@ APT_PACKAGES=(dcmtk python3-venv)
 # the PACS, the DICOM validators, PixelMed's SR validator (which pulls in Java), the PostgreSQL
 # server the contract tests start for themselves, the headless browser of the dashboard test and
 # curl as a STOW-RS client: only for the tests
-TEST_APT_PACKAGES=(orthanc dicom3tools pixelmed-apps postgresql chromium chromium-driver curl)
+TEST_APT_PACKAGES=(orthanc orthanc-dicomweb dicom3tools pixelmed-apps postgresql chromium chromium-driver curl)
 [ "$WITH_TESTS" -eq 1 ] && APT_PACKAGES+=("${TEST_APT_PACKAGES[@]}")
 STEPS=4
 

@@ -228,8 +228,12 @@ def write_node_config(
     destination_port: int,
     stable_after_seconds: float = 1.0,
     extra_routes: Sequence[dict[str, Any]] = (),
+    destination_url: str = "",
 ) -> Path:
-    """A TOML configuration with storage under ``path.parent`` and Orthanc as the only destination."""
+    """A TOML configuration with storage under ``path.parent`` and Orthanc as the only destination.
+
+    With ``destination_url`` the destination is DICOMweb (STOW-RS to that base) instead of C-STORE.
+    """
     lines = [
         "[node]",
         "port = 0",
@@ -270,14 +274,12 @@ def write_node_config(
         lines.append("[[routes]]")
         lines.extend(f"{key} = {json.dumps(value)}" for key, value in route.items())
         lines.append("")
-    lines += [
-        "[[destinations]]",
-        'name = "pacs"',
-        f'ae_title = "{destination_ae}"',
-        'host = "127.0.0.1"',
-        f"port = {destination_port}",
-        "",
-    ]
+    peer = (
+        ['type = "dicomweb"', f"url = {json.dumps(destination_url)}"]
+        if destination_url
+        else [f'ae_title = "{destination_ae}"', 'host = "127.0.0.1"', f"port = {destination_port}"]
+    )
+    lines += ["[[destinations]]", 'name = "pacs"', *peer, ""]
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
 

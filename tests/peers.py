@@ -6,6 +6,7 @@ Each helper starts the process, waits (with a deadline) until it listens, and st
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import socket
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 ORTHANC_BINARY = "/usr/sbin/Orthanc"
+ORTHANC_DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
 
 def free_port() -> int:
@@ -125,6 +127,12 @@ class OrthancPeer:
     log_path: Path
     aet: str = "ORTHANC"
     process: subprocess.Popen[bytes] | None = None
+    users: dict[str, str] = field(default_factory=dict)  # RegisteredUsers, when authentication is on
+
+    @property
+    def dicomweb_url(self) -> str:
+        """The STOW-RS base of the DICOMweb plugin (when started with ``dicomweb=True``)."""
+        return f"http://127.0.0.1:{self.http_port}/dicom-web"
 
     def start(self) -> None:
         """Start (or restart on the same ports) and wait until the REST API answers."""
@@ -143,6 +151,10 @@ class OrthancPeer:
         """Call the REST API and return the decoded JSON answer."""
         data = body.encode() if isinstance(body, str) else body
         request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=data, method=method)
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            pair = base64.b64encode(f"{user}:{password}".encode()).decode()
+            request.add_header("Authorization", f"Basic {pair}")
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.loads(response.read() or b"null")
 
@@ -163,12 +175,22 @@ def orthanc_available() -> bool:
     return Path(ORTHANC_BINARY).exists()
 
 
-def start_orthanc(tmp_path: Path) -> OrthancPeer:
-    """Start Orthanc on free DICOM and HTTP ports with storage in ``tmp_path``; skip if not installed."""
+def start_orthanc(
+    tmp_path: Path, *, dicomweb: bool = False, users: dict[str, str] | None = None
+) -> OrthancPeer:
+    """Start Orthanc on free DICOM and HTTP ports with storage in ``tmp_path``; skip if not installed.
+
+    ``dicomweb`` loads the DICOMweb plugin (Debian ``orthanc-dicomweb``) at ``/dicom-web``;
+    ``users`` turns HTTP basic authentication on with these user names and passwords.
+    """
     if not orthanc_available():
         import pytest
 
         pytest.skip("Orthanc is not installed")
+    if dicomweb and not Path(ORTHANC_DICOMWEB_PLUGIN).exists():
+        import pytest
+
+        pytest.skip("Orthanc's DICOMweb plugin (orthanc-dicomweb) is not installed")
     root = tmp_path / "orthanc"
     root.mkdir(parents=True, exist_ok=True)
     dicom_port, http_port = free_port(), free_port()
@@ -180,19 +202,26 @@ def start_orthanc(tmp_path: Path) -> OrthancPeer:
         "DicomPort": dicom_port,
         "HttpPort": http_port,
         "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
+        "AuthenticationEnabled": bool(users),
+        "RegisteredUsers": users or {},
         "StorageDirectory": str(root / "storage"),
         "IndexDirectory": str(root / "index"),
         "DicomCheckCalledAet": False,
         "DicomAlwaysAllowStore": True,
         "DicomCheckModalityHost": False,
-        "Plugins": [],
+        "Plugins": [ORTHANC_DICOMWEB_PLUGIN] if dicomweb else [],
         "DicomModalities": {},
     }
+    if dicomweb:
+        config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
     config_path = root / "orthanc.json"
     config_path.write_text(json.dumps(config, indent=2))
     peer = OrthancPeer(
-        dicom_port=dicom_port, http_port=http_port, config_path=config_path, log_path=root / "orthanc.log"
+        dicom_port=dicom_port,
+        http_port=http_port,
+        config_path=config_path,
+        log_path=root / "orthanc.log",
+        users=dict(users or {}),
     )
     peer.start()
     return peer

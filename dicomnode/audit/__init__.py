@@ -205,7 +205,8 @@ def _transferred_out(
     delivered: bool,
     reason: str,
 ) -> ET.Element:
-    peer = m.Participant(str(destination.ae_title), False, m.ROLE_DESTINATION, str(destination.host))
+    user_id = destination.ae_title or destination.url  # a DICOMweb destination has a URL, no AE title
+    peer = m.Participant(str(user_id), False, m.ROLE_DESTINATION, str(destination.host))
     message = m.audit_message(
         m.INSTANCES_TRANSFERRED,
         "R",

@@ -3,9 +3,10 @@
 The worker queues one outbox row per (destination, result object) through
 :class:`~dicomnode.queue.outbox.OutboxQueue`. The :class:`Sender` asks it for due rows, claims them,
 sends each destination's rows over one association (``dicomnode.deliver.scu``, many objects per
-association), decides what each outcome means (``dicomnode.deliver.status``) and hands the decision
-back to the outbox, so delivery survives restarts: everything it needs is in the database and the
-storage folder.
+association) or, for a ``type = "dicomweb"`` destination, in one STOW-RS request
+(``dicomnode.deliver.stow``), decides what each outcome means (``dicomnode.deliver.status``) and
+hands the decision back to the outbox, so delivery survives restarts: everything it needs is in the
+database and the storage folder.
 
 Outcomes (see ``docs/delivery.md``): success and warnings are *delivered*; out-of-resources,
 network trouble and a transient association rejection are *retried* with exponential backoff and
@@ -22,7 +23,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode import audit, metrics
 from dicomnode.config import Config, DeliveryConfig, DestinationConfig
 from dicomnode.db import DeliveryState, utcnow
+from dicomnode.deliver import stow
 from dicomnode.deliver.scu import Prepared, UnsendableError, prepare, store_all
 from dicomnode.deliver.status import Decision, Outcome, Verdict, decide
 from dicomnode.node.process import StopSignal
@@ -48,7 +50,7 @@ _STATES = {
 
 
 class Sender:
-    """Delivers outbox rows to their destinations by C-STORE and records each outcome."""
+    """Delivers outbox rows to their destinations (C-STORE or STOW-RS) and records each outcome."""
 
     def __init__(
         self,
@@ -143,9 +145,7 @@ class Sender:
             return
         recorded: set[int] = set()
         try:
-            for item, outcome in store_all(
-                self.ae_title, destination, prepared, self.delivery.timeout_seconds
-            ):
+            for item, outcome in self._send(destination, prepared):
                 self._record(item.row, outcome, clock())
                 recorded.add(item.row.id)
         except Exception as exc:  # a bug or an unexpected library error: retry, bounded by give-up
@@ -154,6 +154,15 @@ class Sender:
                 if item.row.id not in recorded:
                     outcome = Outcome(Verdict.RETRY, f"unexpected error: {type(exc).__name__}")
                     self._record(item.row, outcome, clock())
+
+    def _send(
+        self, destination: DestinationConfig, prepared: list[Prepared]
+    ) -> Iterator[tuple[Prepared, Outcome]]:
+        """One batch by the destination's protocol: an association (DIMSE) or a STOW-RS request."""
+        timeout = self.delivery.timeout_seconds
+        if destination.type == "dicomweb":
+            return stow.store_all(destination, prepared, timeout)
+        return store_all(self.ae_title, destination, prepared, timeout)
 
     def _record(self, row: OutboxRow, outcome: Outcome, now: datetime) -> Verdict:
         """Decide what the outcome makes of the row, hand it to the outbox, log one line (UIDs only)."""

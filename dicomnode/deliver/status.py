@@ -1,7 +1,8 @@
 """The sender's policy: what a peer's answer means (delivered, retry, dead) and when to try again.
 
 Pure functions, no network and no database: :func:`classify_status` reads a C-STORE status,
-:func:`classify_rejection` an A-ASSOCIATE-RJ, :func:`backoff_seconds` spaces the retries and
+:func:`classify_rejection` an A-ASSOCIATE-RJ, :func:`classify_http` and
+:func:`classify_failure_reason` a STOW-RS answer, :func:`backoff_seconds` spaces the retries and
 :func:`decide` turns one attempt's :class:`Outcome` into what the outbox row becomes (its
 :class:`Decision`), including giving up after ``give_up_after_hours``. The outbox is handed that
 decision; it never imports this policy.
@@ -132,6 +133,38 @@ def classify_rejection(where: str, result: int, source: str, reason: str) -> Out
     if result == RejectResult.REJECTED_PERMANENT:
         return Outcome(Verdict.DEAD, text)
     return Outcome(Verdict.RETRY, text)
+
+
+def classify_http(code: int, phrase: str, credentials: str) -> Outcome:
+    """Classify a STOW-RS answer that says nothing about single objects, by its HTTP status.
+
+    401/403 are dead with a message naming ``credentials`` (the destination key to check); 408,
+    429 and 5xx are retried; any other 4xx (a wrong ``url``, a request the peer will never accept,
+    400/409 without a Failed SOP Sequence) is dead; 2xx is delivered.
+    """
+    text = f"HTTP {code} {phrase}".rstrip()
+    if 200 <= code < 300:
+        return Outcome(Verdict.DELIVERED, f"stored ({text})")
+    if code in (401, 403):
+        return Outcome(Verdict.DEAD, f"peer refused our credentials ({text}): check {credentials}")
+    if code in (408, 429) or code >= 500:
+        return Outcome(Verdict.RETRY, f"peer failed the request ({text})")
+    if code in (404, 405) or 300 <= code < 400:
+        return Outcome(Verdict.DEAD, f"no STOW-RS service at the destination url ({text}): check its url")
+    return Outcome(Verdict.DEAD, f"peer rejected the request permanently ({text})")
+
+
+def classify_failure_reason(reason: int) -> Outcome:
+    """Classify one object's Failure Reason (0008,1197) in a STOW-RS Failed SOP Sequence.
+
+    The reasons are C-STORE statuses (PS3.18 Table 10.5.3-1), so the DIMSE policy applies:
+    0xA7xx (out of resources) and 0x0110 (processing failure) are retried, 0xA9xx, 0xCxxx, 0x0122,
+    0x0124 are dead with the reason.
+    """
+    outcome = classify_status(reason)
+    if outcome.verdict is Verdict.DELIVERED:  # a success code as a failure reason: not stored
+        return Outcome(Verdict.RETRY, f"peer listed the object as failed: {status_name(reason)}", reason)
+    return outcome
 
 
 def backoff_seconds(attempts: int, initial: float, maximum: float, rng: random.Random) -> float:
