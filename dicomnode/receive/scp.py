@@ -47,7 +47,9 @@ from dicomnode.net.association import (
 from dicomnode.net.dimse import Command
 from dicomnode.net.tls import server_ssl_context
 from dicomnode.net.transport import AcceptorServer
+from dicomnode.queue.commitments import CommitmentStore
 from dicomnode.queue.jobs import InstanceConflictError, InstanceRecord, JobQueue
+from dicomnode.receive.commitment import CommitmentReports, commitment_context
 from dicomnode.receive.header import PREAMBLE, file_meta_information, header_text, read_header
 from dicomnode.receive.spool import InstanceStore, validate_uid
 from dicomnode.status import OUT_OF_RESOURCES_RANGE, Status, status_label
@@ -101,6 +103,7 @@ class StorageSCP:
     def __init__(self, store: InstanceStore, queue: JobQueue) -> None:
         self.store = store
         self.queue = queue
+        self.commitments = CommitmentReports(CommitmentStore(queue.sessions))
 
     def check_association(self, association: Association) -> tuple[int, int, int] | None:
         return None  # AE titles and limits are checked by the acceptor; the disk floor per C-STORE
@@ -127,6 +130,16 @@ class StorageSCP:
 
     def c_echo(self, association: Association, command: Command) -> Response:
         return Response(Status.SUCCESS)
+
+    def n_event_report(
+        self,
+        association: Association,
+        command: Command,
+        transfer_syntax_uid: str,
+        data: list[memoryview] | None,
+    ) -> Response:
+        """A Storage Commitment result on an association the PACS opened (``receive/commitment.py``)."""
+        return self.commitments.n_event_report(association, command, transfer_syntax_uid, data)
 
     def c_store(
         self, association: Association, command: Command, transfer_syntax_uid: str, data: list[memoryview]
@@ -283,8 +296,9 @@ def storage_sop_classes() -> list[str]:
 
 
 def supported_contexts() -> list[PresentationContext]:
-    """Verification plus every storage SOP class, each with every accepted transfer syntax."""
+    """Verification, Storage Commitment results, every storage SOP class with every accepted syntax."""
     contexts = [supported_context(VERIFICATION_SOP_CLASS, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])]
+    contexts.append(commitment_context())
     contexts += [supported_context(uid, ACCEPTED_TRANSFER_SYNTAXES) for uid in storage_sop_classes()]
     return contexts
 
