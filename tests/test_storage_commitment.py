@@ -9,6 +9,7 @@ real sender.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 import time
@@ -39,7 +40,8 @@ from dicomnode.net.association import (
 )
 from dicomnode.node.inventory import list_studies, node_status
 from dicomnode.node.services import Services
-from dicomnode.queue.commitments import CommitmentStore
+from dicomnode.queue.commitments import AnswerResult, CommitmentStore, FailedObject
+from dicomnode.queue.outbox import OutboxQueue
 from dicomnode.status import Status
 
 STUDY_UID = "1.2.826.0.1.3680043.8.498.77"
@@ -171,6 +173,14 @@ def states(services: Services, ids: list[int]) -> list[DeliveryState]:
     return [row(services, i).state for i in ids]
 
 
+def metric(result: str, destination: str = "pacs") -> float:
+    """dicomnode_storage_commitments_total for one result, from this process's registry."""
+    from prometheus_client import REGISTRY
+
+    labels = {"destination": destination, "result": result}
+    return REGISTRY.get_sample_value("dicomnode_storage_commitments_total", labels) or 0.0
+
+
 # --- Orthanc: a report on a new association -----------------------------------------------------------
 
 
@@ -193,6 +203,7 @@ def test_orthanc_commits_what_was_delivered(
     assert {d["state"] for d in study["deliveries"]} == {"committed"}
     assert study["state"] == "committed"
     assert sender.run_once() == 0  # nothing more to ask
+    assert metric("committed") >= 1
 
 
 @pytest.mark.e2e
@@ -233,6 +244,7 @@ def test_storescp_refuses_the_n_action(tmp_path: Path, services: Services, peers
     """storescp rejects the Storage Commitment context: stays delivered, with the reason, asked once."""
     peer = start_storescp(tmp_path)
     peers.append(peer)
+    refused_before = metric("refused")
     row_id = add_result(services)
     sender = make_sender(services, committed_destination(peer.port, peer.aet))
     sender.run_once()
@@ -244,7 +256,8 @@ def test_storescp_refuses_the_n_action(tmp_path: Path, services: Services, peers
     assert transaction.state is CommitmentState.REFUSED
     assert sender.run_once() == 0  # not asked again
     status = node_status(services.sessions, services.config)
-    assert "delivered" in str(status)
+    assert status["deliveries"]["delivered"] == 1 and status["deliveries"]["committed"] == 0
+    assert metric("refused") == refused_before + 1
 
 
 # --- a pynetdicom peer: a report on the N-ACTION's own association, or none ---------------------------
@@ -262,18 +275,28 @@ class CommitmentPeer:
         self.ae.add_supported_context(COMMITMENT_CLASS, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
         self.port = free_port()
         self.threads: list[threading.Thread] = []
+        self.action_answered = threading.Event()
         self.server: ThreadedAssociationServer = self.ae.start_server(
             ("127.0.0.1", self.port),
             block=False,
-            evt_handlers=[(evt.EVT_C_STORE, self._store), (evt.EVT_N_ACTION, self._action)],
+            evt_handlers=[
+                (evt.EVT_C_STORE, self._store),
+                (evt.EVT_N_ACTION, self._action),
+                (evt.EVT_DIMSE_SENT, self._sent),
+            ],
         )
 
     def _store(self, event: Any) -> int:
         self.stored.add(str(event.request.AffectedSOPInstanceUID))
         return 0x0000
 
+    def _sent(self, event: Any) -> None:
+        if type(event.message).__name__ == "N_ACTION_RSP":
+            self.action_answered.set()
+
     def _action(self, event: Any) -> tuple[int, None]:
         info = event.action_information
+        self.action_answered.clear()
         if self.report:
             thread = threading.Thread(target=self._send_report, args=(event.assoc, info), daemon=True)
             self.threads.append(thread)
@@ -282,9 +305,8 @@ class CommitmentPeer:
 
     def _send_report(self, assoc: Any, info: Dataset) -> None:
         # the N-ACTION-RSP leaves when the handler returns; the report follows on the same association
-        deadline = time.monotonic() + 5
-        while assoc.is_established and assoc._is_paused and time.monotonic() < deadline:
-            time.sleep(0.01)
+        if not self.action_answered.wait(5):
+            return
         report = Dataset()
         report.TransactionUID = info.TransactionUID
         ok, failed = [], []
@@ -326,11 +348,29 @@ def test_report_on_the_same_association(services: Services, peers: list[Any]) ->
     assert [c.state for c in commitments(services)] == [CommitmentState.FAILED, CommitmentState.COMMITTED]
 
 
+def test_a_commit_failure_past_the_give_up_window_is_dead(services: Services, peers: list[Any]) -> None:
+    """The normal retry policy bounds resends: past give_up_after_hours a commit failure is dead."""
+    row_id = add_result(services, state=DeliveryState.DELIVERED)
+    with services.sessions.begin() as session:
+        old = session.get(Outbox, row_id)
+        assert old is not None
+        old.created_at = utcnow() - timedelta(hours=POLICY.give_up_after_hours + 1)
+    peer = CommitmentPeer(report=True, fail={row(services, row_id).sop_instance_uid})
+    peers.append(peer)
+    sender = make_sender(services, committed_destination(peer.port, "COMMITSCP"))
+    sender.run_once()
+    assert row(services, row_id).state is DeliveryState.COMMIT_FAILED
+    sender.run_once()
+    dead = row(services, row_id)
+    assert dead.state is DeliveryState.DEAD
+    assert "gave up" in (dead.last_error or "") and "storage commitment failed" in (dead.last_error or "")
+
+
 def test_no_report_times_out_and_resends(services: Services, peers: list[Any]) -> None:
     """No N-EVENT-REPORT within commitment_timeout_seconds: commit-failed (timed out), resent."""
     peer = CommitmentPeer(report=False)
     peers.append(peer)
-    policy = DeliveryConfig(**{**POLICY.__dict__, "commitment_wait_seconds": 0.2})
+    policy = dataclasses.replace(POLICY, commitment_wait_seconds=0.2)
     row_id = add_result(services)
     sender = make_sender(services, committed_destination(peer.port, "COMMITSCP"), policy)
     sender.run_once()
@@ -417,6 +457,59 @@ def test_listener_refuses_unknown_transactions_and_bad_reports(
     ]
     assert row(services, delivered.id).state is DeliveryState.DELIVERED
     assert commitments(services)[0].state is CommitmentState.REQUESTED
+
+
+def test_commitment_store_contract(backend_services: Services) -> None:
+    """begin, answer, expire and settle on SQLite and PostgreSQL: the states the sender relies on."""
+    services = backend_services
+    store = CommitmentStore(services.sessions)
+    ok, failed, left_out = (add_result(services, state=DeliveryState.DELIVERED) for _ in range(3))
+    pending = add_result(services)
+    assert [r.id for r in store.uncommitted("pacs", 10)] == [ok, failed, left_out]
+    now = utcnow()
+    assert store.begin("2.25.1", "pacs", [ok, failed, left_out, pending], now, now + timedelta(hours=1)) == [
+        ok,
+        failed,
+        left_out,
+    ]
+    assert store.uncommitted("pacs", 10) == [] and store.is_open("2.25.1")
+    failed_uid = row(services, failed).sop_instance_uid
+    answer = store.answer(
+        "2.25.1",
+        [row(services, ok).sop_instance_uid, "2.25.999"],
+        [FailedObject("1.2.3", failed_uid, Status.NO_SUCH_SOP_INSTANCE)],
+        now,
+    )
+    assert (answer.result, answer.committed, answer.failed, answer.unknown) == (
+        AnswerResult.RECORDED,
+        1,
+        2,
+        ["2.25.999"],
+    )
+    assert states(services, [ok, failed, left_out]) == [
+        DeliveryState.COMMITTED,
+        DeliveryState.COMMIT_FAILED,
+        DeliveryState.COMMIT_FAILED,
+    ]
+    assert store.answer("2.25.1", [], [], now).result is AnswerResult.ALREADY_CLOSED
+    assert store.answer("2.25.2", [], [], now).result is AnswerResult.UNKNOWN_TRANSACTION
+    unsettled = dict((r.id, error) for r, error in store.unsettled(10))
+    assert set(unsettled) == {failed, left_out} and "0x0112" in unsettled[failed]
+    assert OutboxQueue(services.sessions, ["pacs"]).due(now + timedelta(days=1), 10) == {"pacs": [pending]}
+    for settled_row, error in store.unsettled(10):
+        store.settle(settled_row, DeliveryState.COMMIT_FAILED, now, error)
+    assert sorted(OutboxQueue(services.sessions, ["pacs"]).due(now, 10)["pacs"]) == sorted(
+        [failed, left_out, pending]
+    )
+    # nothing left to ask about: no transaction; one nobody answers expires
+    assert store.begin("2.25.3", "pacs", [ok, pending], now, now) == []
+    assert not store.is_open("2.25.3")
+    late = add_result(services, state=DeliveryState.DELIVERED)
+    assert store.begin("2.25.4", "pacs", [late], now, now) == [late]
+    assert store.expire(now + timedelta(seconds=1)) == [("pacs", "2.25.4", 1)]
+    assert not store.is_open("2.25.4")
+    assert row(services, late).state is DeliveryState.COMMIT_FAILED
+    assert "timed out" in (row(services, late).last_error or "")
 
 
 def test_storage_commitment_config_key(tmp_path: Path) -> None:

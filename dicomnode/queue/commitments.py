@@ -115,7 +115,10 @@ class CommitmentStore:
         now: datetime,
         deadline: datetime,
     ) -> list[int]:
-        """Record a transaction over the rows still delivered and unasked; return their ids."""
+        """Record a transaction over the rows still delivered and unasked; return their ids.
+
+        When none is left (another sender asked first) nothing is recorded.
+        """
         with self._write_lock, self.sessions.begin() as session:
             commitment = Commitment(
                 transaction_uid=transaction_uid,
@@ -141,6 +144,9 @@ class CommitmentStore:
                 )
                 if result.rowcount == 1:
                     linked.append(row_id)
+            if not linked:
+                session.delete(commitment)
+                return []
             commitment.objects = len(linked)
             return linked
 
