@@ -459,6 +459,29 @@ def test_listener_refuses_unknown_transactions_and_bad_reports(
     assert commitments(services)[0].state is CommitmentState.REQUESTED
 
 
+def test_report_handler_refuses_what_is_no_commitment_result(services: Services) -> None:
+    """Wrong SOP class or instance, no or unreadable Event Information: named statuses, no change."""
+    from dicomnode.net.association import Association
+    from dicomnode.net.dimse import N_EVENT_REPORT_RQ, Command
+    from dicomnode.receive.commitment import CommitmentReports
+
+    handler = CommitmentReports(CommitmentStore(services.sessions))
+    association = Association("PACS", "DICOMNODE", "127.0.0.1", 1, {}, 16384)
+
+    def answer(sop_class: str, instance: str, data: list[memoryview] | None) -> int:
+        command = Command(N_EVENT_REPORT_RQ, 1, data is not None, sop_class, instance, event_type_id=1)
+        return handler.n_event_report(association, command, str(ImplicitVRLittleEndian), data).status
+
+    truncated = [memoryview(b"\x08\x00\x95\x11\x40\x00\x00\x00" + b"1.2")]  # (0008,1195), 64 bytes announced
+    assert answer("1.2.840.10008.1.1", COMMITMENT_INSTANCE, truncated) == Status.NO_SUCH_SOP_CLASS
+    assert answer(COMMITMENT_CLASS, "1.2.3", truncated) == Status.NO_SUCH_SOP_INSTANCE
+    assert answer(COMMITMENT_CLASS, COMMITMENT_INSTANCE, None) == Status.PROCESSING_FAILURE
+    assert answer(COMMITMENT_CLASS, COMMITMENT_INSTANCE, truncated) in (
+        Status.PROCESSING_FAILURE,
+        Status.INVALID_ARGUMENT_VALUE,
+    )
+
+
 def test_commitment_store_contract(backend_services: Services) -> None:
     """begin, answer, expire and settle on SQLite and PostgreSQL: the states the sender relies on."""
     services = backend_services

@@ -303,15 +303,23 @@ class Committer:
             if not asked:
                 continue
             handled += len(asked)
-            outcome = request_commitment(
-                self.ae_title,
-                destination,
-                transaction_uid,
-                asked,
-                self.store,
-                timeout=self.delivery.timeout_seconds,
-                wait=self.delivery.commitment_wait_seconds,
-            )
+            try:
+                outcome = request_commitment(
+                    self.ae_title,
+                    destination,
+                    transaction_uid,
+                    asked,
+                    self.store,
+                    timeout=self.delivery.timeout_seconds,
+                    wait=self.delivery.commitment_wait_seconds,
+                )
+            except Exception as exc:  # a bug or a library error: the objects are resent, bounded by give-up
+                logger.exception(
+                    "storage commitment %s to %s failed unexpectedly", transaction_uid, destination.name
+                )
+                outcome = RequestOutcome(
+                    RequestResult.REQUEST_FAILED, f"unexpected error: {type(exc).__name__}"
+                )
             self._record(destination, transaction_uid, len(asked), outcome, clock())
         return handled
 
