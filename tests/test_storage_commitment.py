@@ -476,10 +476,14 @@ def test_report_handler_refuses_what_is_no_commitment_result(services: Services)
     assert answer("1.2.840.10008.1.1", COMMITMENT_INSTANCE, truncated) == Status.NO_SUCH_SOP_CLASS
     assert answer(COMMITMENT_CLASS, "1.2.3", truncated) == Status.NO_SUCH_SOP_INSTANCE
     assert answer(COMMITMENT_CLASS, COMMITMENT_INSTANCE, None) == Status.PROCESSING_FAILURE
-    assert answer(COMMITMENT_CLASS, COMMITMENT_INSTANCE, truncated) in (
-        Status.PROCESSING_FAILURE,
-        Status.INVALID_ARGUMENT_VALUE,
+    # pydicom reads the cut value as "1.2": a Transaction UID we never sent
+    assert answer(COMMITMENT_CLASS, COMMITMENT_INSTANCE, truncated) == Status.INVALID_ARGUMENT_VALUE
+    # a sequence of undefined length whose item tag is garbage cannot be read at all
+    broken = (
+        b"\x08\x00\x95\x11\x04\x00\x00\x001.2\x00"  # Transaction UID
+        b"\x08\x00\x99\x11\xff\xff\xff\xff\x12\x34\x56\x78\x00\x00\x00\x00"  # SQ, then no item tag
     )
+    assert answer(COMMITMENT_CLASS, COMMITMENT_INSTANCE, [memoryview(broken)]) == Status.PROCESSING_FAILURE
 
 
 def test_commitment_store_contract(backend_services: Services) -> None:
