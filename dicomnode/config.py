@@ -77,6 +77,8 @@ DEFAULTS: dict[str, Any] = {
         "give_up_after_hours": 72,
         "poll_interval_seconds": 0.5,
         "timeout_seconds": 30,
+        "commitment_timeout_seconds": 14400,
+        "commitment_wait_seconds": 2,
     },
     "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 4242}],
     "logging": {"level": "INFO"},
@@ -240,6 +242,10 @@ class DeliveryConfig:
     give_up_after_hours: float
     poll_interval_seconds: float
     timeout_seconds: float
+    # Storage Commitment: how long a transaction may go unanswered before its objects are resent,
+    # and how long the N-ACTION's association stays open for an N-EVENT-REPORT on it
+    commitment_timeout_seconds: float = 4 * 3600.0
+    commitment_wait_seconds: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -260,6 +266,7 @@ class DestinationConfig:
     token_file: Path | None = None  # dicomweb: a file holding the bearer token
     username: str = ""  # dicomweb: basic authentication, with password_file
     password_file: Path | None = None
+    storage_commitment: bool = False  # ask for Storage Commitment (N-ACTION) after delivering
 
 
 @dataclass(frozen=True)
@@ -431,6 +438,10 @@ def config_from_mapping(data: Mapping[str, Any], *, base_dir: Path, source: Path
             give_up_after_hours=_float(delivery, "delivery.give_up_after_hours", 0.0, 24.0 * 365),
             poll_interval_seconds=_float(delivery, "delivery.poll_interval_seconds", 0.01, 60.0),
             timeout_seconds=_float(delivery, "delivery.timeout_seconds", 1.0, 3600.0),
+            commitment_timeout_seconds=_float(
+                delivery, "delivery.commitment_timeout_seconds", 1.0, 86400.0 * 7
+            ),
+            commitment_wait_seconds=_float(delivery, "delivery.commitment_wait_seconds", 0.0, 600.0),
         ),
         destinations=_destinations(data.get("destinations", DEFAULTS["destinations"]), base_dir),
         log_level=_choice(logging_, "logging.level", ("DEBUG", "INFO", "WARNING", "ERROR")),
@@ -719,6 +730,14 @@ def _destination_tls(value: Any, where: str, base_dir: Path) -> DestinationTLSCo
     )
 
 
+def _storage_commitment(item: Mapping[str, Any], key: str) -> bool:
+    """``storage_commitment`` of a destination: true or false, false when absent."""
+    value = item.get("storage_commitment", False)
+    if not isinstance(value, bool):
+        raise ConfigurationError(key, f"must be true or false; got {value!r}")
+    return value
+
+
 def _destinations(value: Any, base_dir: Path) -> tuple[DestinationConfig, ...]:
     if not isinstance(value, list):
         raise ConfigurationError("destinations", "must be an array of tables ([[destinations]])")
@@ -733,9 +752,10 @@ def _destinations(value: Any, base_dir: Path) -> tuple[DestinationConfig, ...]:
         for key in item:
             if key in DICOMWEB_DESTINATION_KEYS:
                 raise ConfigurationError(f"{where}.{key}", 'is only for type = "dicomweb"')
-            if key not in ("name", "type", "ae_title", "host", "port", "tls"):
+            if key not in ("name", "type", "ae_title", "host", "port", "tls", "storage_commitment"):
                 raise ConfigurationError(
-                    f"{where}.{key}", "unknown key; expected name, type, ae_title, host, port, tls"
+                    f"{where}.{key}",
+                    "unknown key; expected name, type, ae_title, host, port, tls, storage_commitment",
                 )
         if "type" in item:
             _choice(item, f"{where}.type", ("dimse", "dicomweb"))
@@ -749,6 +769,7 @@ def _destinations(value: Any, base_dir: Path) -> tuple[DestinationConfig, ...]:
                 host=_str(item, f"{where}.host"),
                 port=_int(item, f"{where}.port", 1, 65535),
                 tls=_destination_tls(item.get("tls"), f"{where}.tls", base_dir),
+                storage_commitment=_storage_commitment(item, f"{where}.storage_commitment"),
             )
         )
     names = [d.name for d in result]

@@ -1,4 +1,4 @@
-"""Database schema and engine: studies, instances, jobs, results and the delivery outbox.
+"""Database schema and engine: studies, instances, jobs, results, the delivery outbox, commitments.
 
 SQLite (WAL, busy timeout, synchronous FULL by default) is the embedded default; the same models run on
 PostgreSQL through the URL in the configuration. The schema is owned by alembic (``migrations/``);
@@ -93,6 +93,19 @@ class DeliveryState(enum.StrEnum):
     PENDING = "pending"
     DELIVERED = "delivered"
     DEAD = "dead"  # gave up (permanent rejection or retries exhausted); `dicomnode retry` resends
+    COMMITTED = "committed"  # the destination confirmed it keeps the object (Storage Commitment)
+    COMMIT_FAILED = "commit-failed"  # commitment failed or timed out: resent at next_attempt_at
+
+
+class CommitmentState(enum.StrEnum):
+    """Life of one Storage Commitment transaction (one N-ACTION listing delivered objects)."""
+
+    REQUESTED = "requested"  # N-ACTION sent (or about to be); waiting for the N-EVENT-REPORT
+    COMMITTED = "committed"  # the report lists every object as committed
+    FAILED = "failed"  # the report lists some objects as failed (those are resent)
+    REFUSED = "refused"  # the peer refused the N-ACTION: its objects stay delivered, uncommitted
+    REQUEST_FAILED = "request-failed"  # the N-ACTION did not get through: its objects are resent
+    TIMED_OUT = "timed-out"  # no report within delivery.commitment_timeout_seconds: resent
 
 
 class Study(Base):
@@ -201,8 +214,31 @@ class Outbox(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # the Storage Commitment transaction that asked for this delivery (NULL: none asked yet)
+    commitment_id: Mapped[int | None] = mapped_column(ForeignKey("commitments.id"), index=True)
 
     __table_args__ = (UniqueConstraint("destination", "sop_instance_uid", name="uq_outbox_destination_sop"),)
+
+
+class Commitment(Base):
+    """One Storage Commitment Push Model transaction: the N-ACTION sent and what the peer answered."""
+
+    __tablename__ = "commitments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    transaction_uid: Mapped[str] = mapped_column(String(UID_LENGTH), unique=True)
+    destination: Mapped[str] = mapped_column(String(64), index=True)
+    state: Mapped[CommitmentState] = mapped_column(
+        Enum(CommitmentState, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e]),
+        default=CommitmentState.REQUESTED,
+        index=True,
+    )
+    objects: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    requested_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    deadline_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    answered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    error: Mapped[str | None] = mapped_column(Text)
 
 
 def make_engine(database_url: str, *, synchronous: str = "FULL") -> Engine:

@@ -90,6 +90,11 @@ def _metrics() -> dict[str, Any]:
             "C-STORE attempts to a destination, by outcome (a DIMSE status name, or no-status-<verdict>)",
             ["destination", "outcome"],
         ),
+        "commitments": Counter(
+            "dicomnode_storage_commitments",
+            "Storage Commitment transactions by result (committed, failed, refused, timed-out, ...)",
+            ["destination", "result"],
+        ),
     }
 
 
@@ -139,3 +144,8 @@ def delivery_attempt(destination: str, status: int | None, verdict: str) -> None
     except ValueError:  # a status the standard does not name
         outcome = f"0x{status:04X}"
     _safely("delivery_attempts", (destination, outcome))
+
+
+def commitment_result(destination: str, result: str) -> None:
+    """One Storage Commitment transaction to ``destination`` ended with ``result``."""
+    _safely("commitments", (destination, result))

@@ -129,7 +129,7 @@ def test_studies_and_status_json(
     assert status["listener"] == {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": 0, "running": False}
     assert (status["studies"], status["instances"]) == (2, 3)
     assert status["jobs"] == {state.value: 0 for state in JobState} | {"queued": 2}
-    assert set(status["deliveries"]) == {"pending", "delivered", "dead"}
+    assert set(status["deliveries"]) == {"pending", "delivered", "dead", "committed", "commit-failed"}
     assert status["disk"]["used_bytes"] > 0
     assert status["destinations"] == []
 

@@ -14,7 +14,7 @@ from dicomnode import migrate
 from dicomnode.cli import main
 from dicomnode.db import Base, make_engine
 
-TABLES = {"studies", "instances", "jobs", "results", "outbox"}
+TABLES = {"studies", "instances", "jobs", "results", "outbox", "commitments"}
 
 
 def tables(engine: Engine) -> set[str]:

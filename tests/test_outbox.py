@@ -148,7 +148,9 @@ def test_enqueue_adds_one_row_per_destination_and_object_with_the_job(backend: B
             0,
         )
         assert row.next_attempt_at <= utcnow()
-    assert backend.outbox.summary() == {d: {"pending": 2, "delivered": 0, "dead": 0} for d in DESTINATIONS}
+    assert backend.outbox.summary() == {
+        d: {"pending": 2, "delivered": 0, "dead": 0, "committed": 0, "commit-failed": 0} for d in DESTINATIONS
+    }
 
 
 def test_enqueue_rolls_back_with_the_callers_transaction(backend: Backend) -> None:
@@ -266,8 +268,8 @@ def test_retry_resets_dead_and_pending_rows_and_leaves_delivered_ones(backend: B
     second_rows = [r for r in by_job.values() if r.job_id == second.id]
     assert all(r.created_at == later and r.next_attempt_at == later for r in second_rows)
     assert backend.outbox.summary() == {
-        "pacs": {"pending": 3, "delivered": 0, "dead": 0},
-        "archive": {"pending": 1, "delivered": 2, "dead": 0},
+        "pacs": {"pending": 3, "delivered": 0, "dead": 0, "committed": 0, "commit-failed": 0},
+        "archive": {"pending": 1, "delivered": 2, "dead": 0, "committed": 0, "commit-failed": 0},
     }
 
 
@@ -277,9 +279,9 @@ def test_summary_lists_configured_and_unconfigured_destinations(backend: Backend
     with backend.jobs.transaction() as session:
         OutboxQueue(backend.sessions, ["gone"]).enqueue(session, job, [stored()])
     assert backend.outbox.summary() == {
-        "pacs": {"pending": 0, "delivered": 0, "dead": 0},
-        "archive": {"pending": 0, "delivered": 0, "dead": 0},
-        "gone": {"pending": 1, "delivered": 0, "dead": 0},
+        "pacs": {"pending": 0, "delivered": 0, "dead": 0, "committed": 0, "commit-failed": 0},
+        "archive": {"pending": 0, "delivered": 0, "dead": 0, "committed": 0, "commit-failed": 0},
+        "gone": {"pending": 1, "delivered": 0, "dead": 0, "committed": 0, "commit-failed": 0},
     }
 
 

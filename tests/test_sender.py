@@ -510,7 +510,9 @@ def test_retry_brings_dead_rows_back(
     queue = OutboxQueue(sessions, ["pacs"])
     sender.run_once()
     assert outbox(sessions, first).state is outbox(sessions, second).state is DeliveryState.DEAD
-    assert queue.summary() == {"pacs": {"pending": 0, "delivered": 0, "dead": 2}}
+    assert queue.summary() == {
+        "pacs": {"pending": 0, "delivered": 0, "dead": 2, "committed": 0, "commit-failed": 0}
+    }
 
     assert queue.retry(job_id=outbox(sessions, first).job_id) == 1
     row = outbox(sessions, first)
@@ -521,7 +523,9 @@ def test_retry_brings_dead_rows_back(
     peer = start_storescp(tmp_path, port=port)
     peers.append(peer)
     assert sender.run_once() == 2
-    assert queue.summary() == {"pacs": {"pending": 0, "delivered": 2, "dead": 0}}
+    assert queue.summary() == {
+        "pacs": {"pending": 0, "delivered": 2, "dead": 0, "committed": 0, "commit-failed": 0}
+    }
     assert len(peer.received()) == 2
 
 

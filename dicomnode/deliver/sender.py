@@ -34,6 +34,7 @@ from dicomnode import audit, metrics
 from dicomnode.config import Config, DeliveryConfig, DestinationConfig
 from dicomnode.db import DeliveryState, utcnow
 from dicomnode.deliver import stow
+from dicomnode.deliver.commitment import Committer
 from dicomnode.deliver.scu import Prepared, UnsendableError, prepare, store_all
 from dicomnode.deliver.status import Decision, Outcome, Verdict, decide
 from dicomnode.node.process import StopSignal
@@ -72,6 +73,14 @@ class Sender:
         self.max_objects_per_association = max(1, max_objects_per_association)
         self.max_rows_per_pass = max(1, max_rows_per_pass)
         self.rng = rng or random.Random()
+        self.commitments = Committer(
+            delivery,
+            destinations,
+            sessions,
+            ae_title=ae_title,
+            max_objects_per_transaction=self.max_objects_per_association,
+            rng=self.rng,
+        )
 
     @classmethod
     def from_config(cls, config: Config, sessions: sessionmaker[Session], **kwargs: Any) -> Sender:
@@ -110,7 +119,7 @@ class Sender:
                     continue
                 self._deliver_chunk(destination, rows, clock)
                 handled += len(rows)
-        return handled
+        return handled + self.commitments.run_once(clock)  # Storage Commitment (deliver/commitment.py)
 
     def run_forever(self, stop_event: threading.Event | StopSignal) -> None:
         """Loop :meth:`run_once` until ``stop_event`` is set; errors are logged and backed off."""

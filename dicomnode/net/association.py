@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 APPLICATION_CONTEXT_NAME = "1.2.840.10008.3.1.1.1"
 VERIFICATION_SOP_CLASS = "1.2.840.10008.1.1"
+STORAGE_COMMITMENT_PUSH_MODEL_SOP_CLASS = "1.2.840.10008.1.20.1"  # PS3.4 J.3
+STORAGE_COMMITMENT_PUSH_MODEL_SOP_INSTANCE = "1.2.840.10008.1.20.1.1"  # its well-known instance
 
 # With max_pdu_size = 0 ("unlimited" offered), the largest PDU the acceptor still reads.
 UNLIMITED_PDU_CAP = 64 * 1024 * 1024
@@ -132,6 +134,21 @@ class ServiceUser(Protocol):
 
     def association_ended(self, association: Association, how: str) -> None: ...
 
+    # Optional: ``n_event_report(association, command, transfer_syntax_uid, data) -> Response``
+    # receives a Storage Commitment result (see EventReportUser); without it the request gets 0x0211.
+
+
+class EventReportUser(Protocol):
+    """A service user that also takes N-EVENT-REPORT requests (Storage Commitment results)."""
+
+    def n_event_report(
+        self,
+        association: Association,
+        command: Command,
+        transfer_syntax_uid: str,
+        data: list[memoryview] | None,
+    ) -> Response: ...
+
 
 @dataclass(frozen=True)
 class AcceptorSettings:
@@ -162,16 +179,30 @@ class AcceptorSettings:
         return self.max_pdu_size or UNLIMITED_PDU_CAP
 
 
-def supported_context(abstract_syntax: str, transfer_syntaxes: Sequence[str]) -> PresentationContext:
-    """A presentation context the acceptor supports."""
+def supported_context(
+    abstract_syntax: str,
+    transfer_syntaxes: Sequence[str],
+    *,
+    scu_role: bool | None = None,
+    scp_role: bool | None = None,
+) -> PresentationContext:
+    """A presentation context the acceptor supports.
+
+    ``scu_role``/``scp_role`` say which roles the *requestor* may take in SCP/SCU Role Selection
+    (PS3.7 D.3.3.4): None leaves the default roles (requestor SCU, acceptor SCP) whatever it asks.
+    """
     context = PresentationContext()
     context.abstract_syntax = abstract_syntax
     context.transfer_syntax = list(transfer_syntaxes)
+    context.scu_role = scu_role
+    context.scp_role = scp_role
     return context
 
 
 __all__ = [
     "APPLICATION_CONTEXT_NAME",
+    "STORAGE_COMMITMENT_PUSH_MODEL_SOP_CLASS",
+    "STORAGE_COMMITMENT_PUSH_MODEL_SOP_INSTANCE",
     "UNLIMITED_PDU_CAP",
     "VERIFICATION_SOP_CLASS",
     "AbortAssociationError",
@@ -181,6 +212,7 @@ __all__ = [
     "Association",
     "AssociationStats",
     "ConnectionClosedError",
+    "EventReportUser",
     "Rejection",
     "Response",
     "ServiceUser",

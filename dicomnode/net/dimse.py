@@ -3,14 +3,17 @@
 A command set is always Implicit VR Little Endian and holds only group 0000 elements, so it is read
 and written here directly rather than through a general dataset: the listener answers every C-STORE
 with one of these and a pydicom Dataset round trip per message cost more than the rest of the
-response path together. Only what a Verification and Storage SCP needs is implemented.
+response path together. Only what a Verification and Storage SCP needs is implemented, and the
+N-EVENT-REPORT a Storage Commitment SCP sends back (PS3.4 J.3.3), which goes to the service user's
+``n_event_report`` when it has one.
 
 Reading is tolerant where dcmtk's storescp and Orthanc are: elements outside group 0000 are skipped,
 C-ECHO is answered on any accepted presentation context. A request whose Affected SOP Class or
-Instance UID is not a UID gets a failure status (C-STORE: 0xC001), never a traceback. A known
-request other than C-ECHO/C-STORE gets 0x0211 Unrecognized Operation; a Command Field that is no
-DIMSE request at all has no response command to answer with (OR-ing 0x8000 gives no defined
-response), so the association is aborted (A-ABORT, source: service user), as dcmtk does.
+Instance UID is not a UID gets a failure status (C-STORE: 0xC001), never a traceback. Any other
+known request (no ``n_event_report``: N-EVENT-REPORT too) gets 0x0211 Unrecognized Operation; a
+Command Field that is no DIMSE request at all has no response command to answer with (OR-ing
+0x8000 gives no defined response), so the association is aborted (A-ABORT, source: service
+user), as dcmtk does.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ logger = logging.getLogger(__name__)
 # Command Field values (PS3.7 E.1).
 C_STORE_RQ = 0x0001
 C_ECHO_RQ = 0x0030
+N_EVENT_REPORT_RQ = 0x0100
 C_CANCEL_RQ = 0x0FFF
 RESPONSE_BIT = 0x8000
 # Every request Command Field PS3.7 E.1 defines; other values have no response command.
@@ -56,6 +60,7 @@ _COMMAND_DATA_SET_TYPE = 0x00000800
 _STATUS = 0x00000900
 _ERROR_COMMENT = 0x00000902
 _AFFECTED_SOP_INSTANCE_UID = 0x00001000
+_EVENT_TYPE_ID = 0x00001002
 _MOVE_ORIGINATOR_AE_TITLE = 0x00001030
 _MOVE_ORIGINATOR_MESSAGE_ID = 0x00001031
 
@@ -78,6 +83,7 @@ class Command:
     priority: int = 0
     move_originator_ae_title: str = ""
     move_originator_message_id: int | None = None
+    event_type_id: int | None = None  # N-EVENT-REPORT only
 
 
 def decode_command(data: bytes | bytearray | memoryview) -> Command:
@@ -124,6 +130,7 @@ def decode_command(data: bytes | bytearray | memoryview) -> Command:
         priority=us(_PRIORITY) or 0,
         move_originator_ae_title=text(_MOVE_ORIGINATOR_AE_TITLE),
         move_originator_message_id=us(_MOVE_ORIGINATOR_MESSAGE_ID),
+        event_type_id=us(_EVENT_TYPE_ID),
     )
 
 
@@ -149,8 +156,10 @@ def encode_response(
     if error_comment and status != Status.SUCCESS:
         comment = error_comment.encode("ascii", errors="replace")[:64]
         elements.append((_ERROR_COMMENT, comment + b" " * (len(comment) % 2)))
-    if is_uid(request.affected_sop_instance_uid) and request.command_field == C_STORE_RQ:
+    if is_uid(request.affected_sop_instance_uid) and request.command_field in (C_STORE_RQ, N_EVENT_REPORT_RQ):
         elements.append((_AFFECTED_SOP_INSTANCE_UID, _uid(request.affected_sop_instance_uid)))
+    if request.command_field == N_EVENT_REPORT_RQ and request.event_type_id is not None:
+        elements.append((_EVENT_TYPE_ID, _us(request.event_type_id)))
     body = b"".join(_ELEMENT_HEADER.pack(0, element, len(value)) + value for element, value in elements)
     return _ELEMENT_HEADER.pack(0, 0, 4) + len(body).to_bytes(4, "little") + body
 
@@ -207,6 +216,8 @@ def dispatch(
             response = Response(Status.CANNOT_UNDERSTAND, "C-STORE request without a data set")
         else:
             response = service_user.c_store(association, command, transfer_syntax, data)
+    elif field == N_EVENT_REPORT_RQ and (handler := getattr(service_user, "n_event_report", None)):
+        response = handler(association, command, transfer_syntax, data)
     else:
         response = Response(Status.UNRECOGNIZED_OPERATION, "only C-ECHO and C-STORE are supported")
     return encode_response(
@@ -220,6 +231,7 @@ __all__ = [
     "C_STORE_RQ",
     "DIMSE_REQUESTS",
     "NO_DATA_SET",
+    "N_EVENT_REPORT_RQ",
     "RESPONSE_BIT",
     "Command",
     "CommandSetError",

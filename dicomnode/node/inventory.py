@@ -29,10 +29,12 @@ def study_state(pending_instances: int, job: Job | None, deliveries: Counter[str
         return str(job.state.value)
     if deliveries.get(DeliveryState.DEAD.value):
         return "dead-letter"
-    if deliveries.get(DeliveryState.PENDING.value):
-        return "delivering"
+    if deliveries.get(DeliveryState.PENDING.value) or deliveries.get(DeliveryState.COMMIT_FAILED.value):
+        return "delivering"  # commit-failed objects are resent
     if deliveries.get(DeliveryState.DELIVERED.value):
         return "delivered"
+    if deliveries.get(DeliveryState.COMMITTED.value):
+        return "committed"  # every object confirmed kept by Storage Commitment
     return "done"
 
 
@@ -125,6 +127,7 @@ def study_entry(
                 "attempts": o.attempts,
                 "last_status": o.last_status,
                 "last_error": o.last_error,
+                "commitment_id": o.commitment_id,
             }
             for o in outbox
         ],

@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicomnode.db import DeliveryState, Outbox, utcnow
@@ -53,6 +53,14 @@ from dicomnode.db import DeliveryState, Outbox, utcnow
 logger = logging.getLogger(__name__)
 
 ERROR_LENGTH = 4000  # last_error is cut to this many characters
+
+
+def _sendable() -> ColumnElement[bool]:
+    """Rows the sender may (re)send: pending, or commit-failed and rescheduled (no transaction link)."""
+    return or_(
+        Outbox.state == DeliveryState.PENDING,
+        and_(Outbox.state == DeliveryState.COMMIT_FAILED, Outbox.commitment_id.is_(None)),
+    )
 
 
 class _Encoded(Protocol):
@@ -188,11 +196,11 @@ class OutboxQueue:
     # --- the sender --------------------------------------------------------------------------------
 
     def due(self, now: datetime, limit: int) -> dict[str, list[int]]:
-        """Ids of up to ``limit`` due pending rows, grouped by destination, oldest due first."""
+        """Ids of up to ``limit`` due rows (pending, or commit-failed to resend), by destination."""
         with self.sessions() as session:
             rows = session.execute(
                 select(Outbox.id, Outbox.destination)
-                .where(Outbox.state == DeliveryState.PENDING, Outbox.next_attempt_at <= now)
+                .where(_sendable(), Outbox.next_attempt_at <= now)
                 .order_by(Outbox.next_attempt_at, Outbox.id)
                 .limit(limit)
             ).all()
@@ -215,7 +223,7 @@ class OutboxQueue:
                     update(Outbox)
                     .where(
                         Outbox.id == row_id,
-                        Outbox.state == DeliveryState.PENDING,
+                        _sendable(),
                         Outbox.next_attempt_at <= now,
                     )
                     .values(next_attempt_at=now + lease)
@@ -250,6 +258,7 @@ class OutboxQueue:
         }
         if attempt.state is DeliveryState.DELIVERED:
             values["delivered_at"] = attempt.attempted_at
+            values["commitment_id"] = None  # a (re)delivered object gets a fresh Storage Commitment
         with self._write_lock, self.sessions.begin() as session:
             session.execute(update(Outbox).where(Outbox.id == row.id).values(**values))
 
@@ -268,7 +277,9 @@ class OutboxQueue:
         would die again on its first failure. Delivered rows are not touched.
         """
         now = now or utcnow()
-        statement = update(Outbox).where(Outbox.state.in_([DeliveryState.DEAD, DeliveryState.PENDING]))
+        statement = update(Outbox).where(
+            Outbox.state.in_([DeliveryState.DEAD, DeliveryState.PENDING, DeliveryState.COMMIT_FAILED])
+        )
         if study_instance_uid is not None:
             statement = statement.where(Outbox.study_instance_uid == study_instance_uid)
         if job_id is not None:
@@ -277,7 +288,13 @@ class OutboxQueue:
             statement = statement.where(Outbox.destination == destination)
         with self._write_lock, self.sessions.begin() as session:
             result: Any = session.execute(
-                statement.values(state=DeliveryState.PENDING, next_attempt_at=now, attempts=0, created_at=now)
+                statement.values(
+                    state=DeliveryState.PENDING,
+                    next_attempt_at=now,
+                    attempts=0,
+                    created_at=now,
+                    commitment_id=None,
+                )
             )
             count = int(result.rowcount)
         logger.info(

@@ -30,7 +30,8 @@ def has_pending_work(session: Session, study_id: int, study_instance_uid: str) -
     unassigned = exists().where(Instance.study_id == study_id, Instance.job_id.is_(None))
     unfinished = exists().where(Job.study_id == study_id, Job.state != JobState.DONE)
     undelivered = exists().where(
-        Outbox.study_instance_uid == study_instance_uid, Outbox.state == DeliveryState.PENDING
+        Outbox.study_instance_uid == study_instance_uid,
+        Outbox.state.in_([DeliveryState.PENDING, DeliveryState.COMMIT_FAILED]),
     )
     return bool(session.scalar(select(or_(unassigned, unfinished, undelivered))))
 

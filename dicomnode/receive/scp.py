@@ -46,7 +46,9 @@ from dicomnode.net.association import (
 from dicomnode.net.dimse import Command
 from dicomnode.net.tls import server_ssl_context
 from dicomnode.net.transport import AcceptorServer
+from dicomnode.queue.commitments import CommitmentStore
 from dicomnode.queue.jobs import InstanceRecord, JobQueue
+from dicomnode.receive.commitment import CommitmentReports, commitment_context
 from dicomnode.receive.ingest import StoreRefused, record_from, safe_uid, store_instance
 from dicomnode.receive.spool import InstanceStore
 from dicomnode.status import OUT_OF_RESOURCES_RANGE, Status, status_label
@@ -85,6 +87,7 @@ class StorageSCP:
     def __init__(self, store: InstanceStore, queue: JobQueue) -> None:
         self.store = store
         self.queue = queue
+        self.commitments = CommitmentReports(CommitmentStore(queue.sessions))
 
     def check_association(self, association: Association) -> tuple[int, int, int] | None:
         return None  # AE titles and limits are checked by the acceptor; the disk floor per C-STORE
@@ -111,6 +114,16 @@ class StorageSCP:
 
     def c_echo(self, association: Association, command: Command) -> Response:
         return Response(Status.SUCCESS)
+
+    def n_event_report(
+        self,
+        association: Association,
+        command: Command,
+        transfer_syntax_uid: str,
+        data: list[memoryview] | None,
+    ) -> Response:
+        """A Storage Commitment result on an association the PACS opened (``receive/commitment.py``)."""
+        return self.commitments.n_event_report(association, command, transfer_syntax_uid, data)
 
     def c_store(
         self, association: Association, command: Command, transfer_syntax_uid: str, data: list[memoryview]
@@ -176,8 +189,9 @@ def storage_sop_classes() -> list[str]:
 
 
 def supported_contexts() -> list[PresentationContext]:
-    """Verification plus every storage SOP class, each with every accepted transfer syntax."""
+    """Verification, Storage Commitment results, every storage SOP class with every accepted syntax."""
     contexts = [supported_context(VERIFICATION_SOP_CLASS, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])]
+    contexts.append(commitment_context())
     contexts += [supported_context(uid, ACCEPTED_TRANSFER_SYNTAXES) for uid in storage_sop_classes()]
     return contexts
 
