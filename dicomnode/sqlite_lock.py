@@ -1,4 +1,4 @@
-"""A cross-process write lock in front of SQLite's own, so a waiting writer wakes the moment it is free.
+"""A cross-process write lock in front of SQLite's own, so a waiting writer goes on as soon as it is free.
 
 SQLite lets one writer at a time hold a database; a second process that asks (``BEGIN IMMEDIATE``)
 while the lock is held does not block on anything it could be woken from: its busy handler sleeps
@@ -8,27 +8,34 @@ each but stretched by its low CPU priority, made the listener's inserts sleep th
 long after the lock was free, and with the listener's writers serialised behind the one asleep,
 reception halved while the model ran.
 
-So every SQLite write transaction first takes an exclusive ``flock`` on ``<database>-writelock``
-(one open file per pooled connection, so threads of one process queue on it too) and lets it go
-right after ``COMMIT`` or ``ROLLBACK``. A blocked ``flock`` is a kernel wait: the waiter runs again
-as soon as the holder releases, and while it waits it leaves the CPU to the holder (which is what
-ends a priority inversion with a niced worker). SQLite's busy handler stays as the fallback for
-writers that do not use this lock (another program, ``sqlite3`` on the command line).
+So every SQLite transaction first takes an exclusive ``flock`` on ``<database>-writelock`` (one
+open file per pooled connection, so threads of one process queue on it too) and lets it go right
+after ``COMMIT`` or ``ROLLBACK``. A waiter retries at most every millisecond, asleep in between, so
+it runs again within a millisecond of the release and leaves the CPU to the holder meanwhile (which
+ends a priority inversion with a niced worker quickly). The flock only schedules: SQLite's own lock
+stays the authority. A waiter that has not had the flock after ``wait_seconds`` (a holder stopped
+mid-transaction) goes on to ``BEGIN IMMEDIATE`` without it, where SQLite's busy timeout decides, so
+a stuck process costs what it cost before and never a hang.
 
-Closing a connection's file (pool close, process exit, ``kill -9``) releases its lock, so a
-crashed holder never leaves the lock behind.
+Closing a connection's file (pool close, process exit, ``kill -9``) releases its lock, so a crashed
+holder never leaves the lock behind.
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
+import time
 from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
+logger = logging.getLogger(__name__)
+
 _FD_KEY = "dicomnode_writelock_fd"
+_LONGEST_NAP = 0.001  # seconds between two tries of a waiting writer, at most
 
 
 def lock_path_for(database_path: str) -> str:
@@ -36,10 +43,26 @@ def lock_path_for(database_path: str) -> str:
     return f"{database_path}-writelock"
 
 
-def install(engine: Engine, lock_path: str) -> None:
+def acquire(fd: int, wait_seconds: float) -> bool:
+    """Take the flock on ``fd``; False (not held) when it stayed busy for ``wait_seconds``."""
+    nap = 0.00005
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(nap)
+            nap = min(nap * 2, _LONGEST_NAP)
+
+
+def install(engine: Engine, lock_path: str, *, wait_seconds: float = 30.0) -> None:
     """Take ``lock_path`` exclusively around every transaction ``engine`` begins.
 
-    The caller's ``begin`` listener issues ``BEGIN IMMEDIATE`` after this one has the lock.
+    The caller's ``begin`` listener issues ``BEGIN IMMEDIATE`` after this one has the lock (or has
+    given up waiting for it after ``wait_seconds``).
     """
     held: dict[int, int] = {}  # id(DBAPI connection) -> its lock file while it holds the lock
 
@@ -50,8 +73,14 @@ def install(engine: Engine, lock_path: str) -> None:
         if fd is None:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             info[_FD_KEY] = fd
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        held[id(conn.connection.dbapi_connection)] = fd
+        if acquire(fd, wait_seconds):
+            held[id(conn.connection.dbapi_connection)] = fd
+        else:
+            logger.warning(
+                "another process has held %s for %.0f s; this transaction waits on SQLite's own lock",
+                lock_path,
+                wait_seconds,
+            )
 
     def _release(connection: Any) -> None:
         # The dialect is handed the pool's proxy or the DBAPI connection itself, depending on the caller.

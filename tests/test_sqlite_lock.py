@@ -16,7 +16,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from dicomnode.db import make_engine
-from dicomnode.sqlite_lock import lock_path_for
+from dicomnode.sqlite_lock import acquire, lock_path_for
 
 
 @pytest.fixture
@@ -130,3 +130,20 @@ def test_a_killed_holder_releases_the_lock(engine: Engine, tmp_path: Path) -> No
         if holder.poll() is None:
             holder.kill()
             holder.wait()
+
+
+def test_a_waiter_gives_up_on_the_flock_after_its_wait_and_leaves_it_to_sqlite(tmp_path: Path) -> None:
+    """A holder that never lets go (stopped mid-transaction) costs a bounded wait, never a hang."""
+    path = str(tmp_path / "lock")
+    holder = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    waiter = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        started = time.monotonic()
+        assert not acquire(waiter, 0.05)
+        assert time.monotonic() - started >= 0.05
+        fcntl.flock(holder, fcntl.LOCK_UN)
+        assert acquire(waiter, 0.05)
+    finally:
+        os.close(holder)
+        os.close(waiter)
