@@ -95,8 +95,8 @@ def test_the_check_names_what_is_outside_and_notes_what_is_unknown() -> None:
 
 def _card_text(applies_to: str) -> str:
     text = (REPO_MODEL / "model.toml").read_text(encoding="utf-8")
-    start = text.index("[applies_to]")
-    end = text.index("[card]")
+    start = text.index("\n[applies_to]\n") + 1  # the table headers, not a mention in a comment
+    end = text.index("\n[card]\n") + 1
     return text[:start] + applies_to + "\n\n" + text[end:]
 
 
