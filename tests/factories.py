@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from dicomnode.node.services import Services
+from dicomnode.queue.jobs import InstanceRecord
 
 DIGITAL_XRAY_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 
@@ -63,3 +68,29 @@ def write(ds: Dataset, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def store_as_own_study(services: Services, path: Path, *, patient_id: str | None = "TEST-0001") -> str:
+    """Store one file as a study of its own (new study and series UIDs), as the listener would, and
+    record it; returns its Study Instance UID."""
+    ds = pydicom.dcmread(path)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    store = services.store()
+    relative = store.relative_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    stored = store.write(relative, buffer.getvalue())
+    services.queue.record_instance(
+        InstanceRecord(
+            str(ds.SOPInstanceUID),
+            str(ds.SOPClassUID),
+            str(ds.StudyInstanceUID),
+            str(ds.SeriesInstanceUID),
+            str(ds.file_meta.TransferSyntaxUID),
+            relative,
+            stored.size_bytes,
+            patient_id=patient_id,
+            modality=str(ds.Modality),
+        )
+    )
+    return str(ds.StudyInstanceUID)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import pytest
 from conftest import make_config
 from corpus import find
 from e2e_helpers import dciodvfy_errors
+from factories import store_as_own_study
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
@@ -32,7 +32,6 @@ from dicomnode.findings import REFUSED_OUTSIDE_INTENDED_USE, StudyFindings
 from dicomnode.lifecycle.install import DEFAULT_PATIENT_AGE_YEARS, refresh_intended_use
 from dicomnode.models.card import AppliesTo, ModelCard
 from dicomnode.node.services import Services, open_services
-from dicomnode.queue.jobs import InstanceRecord
 from dicomnode.work.inference import ModelRegistry
 from dicomnode.work.intended import age_from_dates, check_intended_use, header_age, parse_patient_age
 from dicomnode.work.pipeline import Worker
@@ -183,28 +182,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _store(services: Services, path: Path) -> str:
-    """Store one file as the listener would and record it (a study of its own); returns its study UID."""
-    ds = pydicom.dcmread(path)
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    store = services.store()
-    relative = store.relative_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
-    buffer = BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    stored = store.write(relative, buffer.getvalue())
-    services.queue.record_instance(
-        InstanceRecord(
-            str(ds.SOPInstanceUID),
-            str(ds.SOPClassUID),
-            str(ds.StudyInstanceUID),
-            str(ds.SeriesInstanceUID),
-            str(ds.file_meta.TransferSyntaxUID),
-            relative,
-            stored.size_bytes,
-            patient_id="TEST-0001",
-            modality=str(ds.Modality),
-        )
-    )
-    return str(ds.StudyInstanceUID)
+    return store_as_own_study(services, path)
 
 
 def _run_worker(

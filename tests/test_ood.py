@@ -6,7 +6,6 @@ import importlib.util
 import json
 import shutil
 import threading
-from io import BytesIO
 from pathlib import Path
 
 import matplotlib.cbook
@@ -15,6 +14,7 @@ import pydicom
 import pytest
 from conftest import make_config
 from e2e_helpers import dciodvfy_errors
+from factories import store_as_own_study
 from PIL import Image
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -27,7 +27,6 @@ from dicomnode.findings import StudyFindings
 from dicomnode.models import ModelPackage, load_model_package
 from dicomnode.models.card import ModelCard, OodSpec, set_ood_section
 from dicomnode.node.services import Services, open_services
-from dicomnode.queue.jobs import InstanceRecord
 from dicomnode.work.pipeline import Worker
 
 REPO_MODEL = Path(__file__).resolve().parents[1] / "models" / "pneumonia-xception"
@@ -213,28 +212,7 @@ def test_ood_check_prints_score_and_decision(
 
 
 def _store(services: Services, path: Path) -> str:
-    """Store one file as the listener would and record it; returns its study UID."""
-    ds = pydicom.dcmread(path)
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    store = services.store()
-    relative = store.relative_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
-    buffer = BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    stored = store.write(relative, buffer.getvalue())
-    services.queue.record_instance(
-        InstanceRecord(
-            str(ds.SOPInstanceUID),
-            str(ds.SOPClassUID),
-            str(ds.StudyInstanceUID),
-            str(ds.SeriesInstanceUID),
-            str(ds.file_meta.TransferSyntaxUID),
-            relative,
-            stored.size_bytes,
-            patient_id="TEST-0001",
-            modality=str(ds.Modality),
-        )
-    )
-    return str(ds.StudyInstanceUID)
+    return store_as_own_study(services, path)
 
 
 @needs_model

@@ -7,7 +7,6 @@ import json
 import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ import pydicom
 import pytest
 import sqlalchemy as sa
 from conftest import make_config
-from pydicom.uid import generate_uid
+from factories import store_as_own_study
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
@@ -26,7 +25,6 @@ from dicomnode.db import Job, JobState, Outbox, Result, UTCDateTime, make_engine
 from dicomnode.errors import ConfigurationError, ModelUnavailableError
 from dicomnode.findings import StudyFindings
 from dicomnode.node.services import Services, open_services
-from dicomnode.queue.jobs import InstanceRecord
 from dicomnode.work.inference import ModelRegistry
 from dicomnode.work.pipeline import Worker
 
@@ -79,27 +77,7 @@ def install_real_version(models: Path, folder: str, version: str) -> None:
 
 
 def store_file(services: Services, path: Path) -> str:
-    """Store one file as a study of its own, as the listener would; returns its study UID."""
-    ds = pydicom.dcmread(path)
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    store = services.store()
-    relative = store.relative_path(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
-    buffer = BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    stored = store.write(relative, buffer.getvalue())
-    services.queue.record_instance(
-        InstanceRecord(
-            str(ds.SOPInstanceUID),
-            str(ds.SOPClassUID),
-            str(ds.StudyInstanceUID),
-            str(ds.SeriesInstanceUID),
-            str(ds.file_meta.TransferSyntaxUID),
-            relative,
-            stored.size_bytes,
-            modality=str(ds.Modality),
-        )
-    )
-    return str(ds.StudyInstanceUID)
+    return store_as_own_study(services, path, patient_id=None)
 
 
 @dataclass
