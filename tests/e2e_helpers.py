@@ -229,10 +229,12 @@ def write_node_config(
     stable_after_seconds: float = 1.0,
     extra_routes: Sequence[dict[str, Any]] = (),
     destination_url: str = "",
+    storage_commitment: bool = False,
 ) -> Path:
     """A TOML configuration with storage under ``path.parent`` and Orthanc as the only destination.
 
-    With ``destination_url`` the destination is DICOMweb (STOW-RS to that base) instead of C-STORE.
+    With ``destination_url`` the destination is DICOMweb (STOW-RS to that base) instead of C-STORE;
+    ``storage_commitment`` asks the (DIMSE) destination for Storage Commitment after delivery.
     """
     lines = [
         "[node]",
@@ -279,6 +281,8 @@ def write_node_config(
         if destination_url
         else [f'ae_title = "{destination_ae}"', 'host = "127.0.0.1"', f"port = {destination_port}"]
     )
+    if storage_commitment:
+        peer.append("storage_commitment = true")
     lines += ["[[destinations]]", 'name = "pacs"', *peer, ""]
     path.write_text("\n".join(lines), encoding="utf-8")
     return path

@@ -20,6 +20,9 @@ from typing import Any
 
 import pytest
 from conftest import RunningListener
+from corpus import pneumonia_images_dir
+from e2e_helpers import NodeProcess, storescu, wrap_radiograph, write_node_config
+from e2e_helpers import wait_for as wait_for_value
 from peers import OrthancPeer, free_port, start_orthanc, start_storescp
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
@@ -28,6 +31,8 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate
 from pynetdicom import AE, AllStoragePresentationContexts, build_role, evt
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import select
+from test_e2e import models_dir, wait_for_results  # noqa: F401 - the session's installed default model
+from test_e2e import study_entry as e2e_study_entry
 
 from dicomnode.config import DeliveryConfig, DestinationConfig
 from dicomnode.db import Commitment, CommitmentState, DeliveryState, Job, JobState, Outbox, Study, utcnow
@@ -552,3 +557,55 @@ def test_storage_commitment_config_key(tmp_path: Path) -> None:
     assert config.delivery.commitment_timeout_seconds == 14400
     with pytest.raises(ConfigurationError, match=r"destinations\[0\]\.storage_commitment"):
         make_config(tmp_path, destinations=[{**base, "storage_commitment": "yes"}])
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_serve_delivers_to_orthanc_and_its_commitment_report_marks_every_object_committed(
+    tmp_path: Path,
+    peers: list[Any],
+    models_dir: Path,  # noqa: F811 - the fixture imported from test_e2e
+) -> None:
+    """`dicomnode serve` as an operator runs it: a radiograph in by C-STORE, its SR and key image out
+    to Orthanc, the N-ACTION from the sender process, Orthanc's N-EVENT-REPORT on a new association
+    to the listener, and every delivery row of the study `committed` in `studies --json`."""
+    orthanc = start_orthanc(tmp_path / "pacs")
+    peers.append(orthanc)
+    node_dir = tmp_path / "node"
+    node_dir.mkdir()
+    config = write_node_config(
+        node_dir / "config.toml",
+        models_dir=models_dir,
+        destination_ae=orthanc.aet,
+        destination_port=orthanc.dicom_port,
+        stable_after_seconds=0.5,
+        storage_commitment=True,
+    )
+    node = NodeProcess(config)
+    peers.append(node)
+    jpeg = sorted(pneumonia_images_dir().glob("person*.jpeg"))[0]
+    source = wrap_radiograph(jpeg, tmp_path / "chest.dcm", ExplicitVRLittleEndian)
+    try:
+        node.start()
+        orthanc.rest(  # where Orthanc sends the report: our listener, known once it has a port
+            f"/modalities/{node.ae_title.lower()}",
+            "PUT",
+            f'{{"AET": "{node.ae_title}", "Host": "127.0.0.1", "Port": {node.port}}}',
+        )
+        storescu([source.path], node.port, node.ae_title)
+        wait_for_results(orthanc, [source.study_instance_uid], 120.0)
+
+        def committed() -> list[dict[str, Any]] | None:
+            study = e2e_study_entry(node, source.study_instance_uid)
+            rows = study["deliveries"] if study else []
+            return rows if rows and all(r["state"] == "committed" for r in rows) else None
+
+        rows = wait_for_value(committed, "every delivery row committed", 60.0, 0.5)
+        assert {r["destination"] for r in rows} == {"pacs"}
+        assert all(r["commitment_id"] for r in rows)
+        status = node.cli_json("status", "--json")
+        assert status["deliveries"].get("committed") == len(rows)
+    except BaseException:
+        print(node.log_tail())
+        raise
+    assert node.stop() == 0
