@@ -88,6 +88,15 @@ class FilesystemSync:
                 self._cond.notify_all()
 
 
+def sync_filesystem(directory: Path) -> None:
+    """One ``syncfs`` of the filesystem holding ``directory`` (``sync`` where there is no syncfs)."""
+    sync = FilesystemSync(directory)
+    try:
+        sync.sync()
+    finally:
+        sync.close()
+
+
 def buffers_size(data: Buffers) -> int:
     """Total length in bytes of one buffer or a sequence of them."""
     if isinstance(data, bytes | bytearray | memoryview):

@@ -346,3 +346,37 @@ def test_command_uid_differing_from_the_data_set_is_stored_under_the_data_sets(
     assert any(
         requested in r.getMessage() and str(ds.SOPInstanceUID) in r.getMessage() for r in caplog.records
     )
+
+
+def test_the_header_fallback_parses_a_bounded_head_not_a_whole_huge_part(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When the first bytes do not hold the identifying UIDs, at most _HEADER_FALLBACK_LIMIT bytes are
+    parsed (a spooled STOW-RS part can be gigabytes): beyond it the data set is refused, never copied."""
+    from pydicom.dataset import Dataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from dicomnode.receive import header as header_module
+
+    ds = Dataset()
+    ds.ImageType = ["DERIVED"] * 2000  # (0008,0008): about 16 KB before the UIDs
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPInstanceUID = "1.2.3.4"
+    ds.StudyInstanceUID = "1.2.3"
+    ds.SeriesInstanceUID = "1.2.3.5"
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_dataset(fp, ds)
+    data = fp.getvalue()
+    fragments = [memoryview(data[i : i + 1000]) for i in range(0, len(data), 1000)]
+    monkeypatch.setattr(header_module, "_HEADER_PREFIX", 1000)
+    parsed = header_module.read_header(fragments, len(data), ExplicitVRLittleEndian)
+    assert parsed.SOPInstanceUID == "1.2.3.4"  # within the limit: the whole data set is parsed
+    monkeypatch.setattr(header_module, "_HEADER_FALLBACK_LIMIT", 4000)
+    try:
+        parsed = header_module.read_header(fragments, len(data), ExplicitVRLittleEndian)
+    except Exception:
+        return  # the cut head cannot be parsed: refused by the caller
+    assert "SOPInstanceUID" not in parsed

@@ -447,15 +447,19 @@ def test_listener_takes_a_report_with_role_selection(services: Services, listene
 def test_listener_refuses_unknown_transactions_and_bad_reports(
     services: Services, listener: RunningListener
 ) -> None:
-    """Unknown Transaction UID 0x0115, no Transaction UID 0x0115, bad Event Type ID 0x0113."""
+    """Unknown Transaction UID 0x0115, no or a malformed Transaction UID 0x0115, bad Event Type ID 0x0113."""
     transaction_uid, delivered = open_transaction(services)
     unknown = report_for(str(generate_uid()), delivered)
     no_uid = report_for(transaction_uid, delivered)
     del no_uid.TransactionUID
+    not_a_uid = report_for(transaction_uid, delivered)
+    not_a_uid.TransactionUID = "1.2\nforged log line"  # never a UID, never written to the log
     statuses = send_reports(
-        listener, [(unknown, 1), (no_uid, 1), (report_for(transaction_uid, delivered), 7)]
+        listener,
+        [(unknown, 1), (no_uid, 1), (not_a_uid, 1), (report_for(transaction_uid, delivered), 7)],
     )
     assert statuses == [
+        Status.INVALID_ARGUMENT_VALUE,
         Status.INVALID_ARGUMENT_VALUE,
         Status.INVALID_ARGUMENT_VALUE,
         Status.NO_SUCH_EVENT_TYPE,

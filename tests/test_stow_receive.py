@@ -424,6 +424,21 @@ def test_multipart_reader_keeps_only_so_much_in_memory(
     reader.close()
 
 
+def test_multipart_reader_refuses_more_parts_than_its_cap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tiny parts cannot pile up (memory, open temporary files, quadratic bookkeeping): a cap per request."""
+    monkeypatch.setattr(multipart_module, "MAX_PARTS", 3)
+    reader = MultipartReader("b4", tmp_path)
+    reader.feed(multipart([b"x"] * 3, "b4"))
+    assert len(reader.finish()) == 3
+    reader.close()
+    reader = MultipartReader("b4", tmp_path)
+    with pytest.raises(MultipartError, match="more than 3 parts"):
+        reader.feed(multipart([b"x"] * 4, "b4"))
+    reader.close()
+
+
 def test_dicomweb_client_posting_to_a_study(node: HttpNode) -> None:
     """store_instances(study_instance_uid=...) posts to /studies/{study}: stored when the instance is of
     it; HTTP 409 (an HTTPError in dicomweb-client) when it is not."""

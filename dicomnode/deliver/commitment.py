@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -46,6 +47,7 @@ from dicomnode.config import DeliveryConfig, DestinationConfig
 from dicomnode.db import DeliveryState
 from dicomnode.deliver.scu import make_ae
 from dicomnode.deliver.status import Outcome, Verdict, classify_rejection, decide
+from dicomnode.fsio import sync_filesystem
 from dicomnode.net.association import (
     STORAGE_COMMITMENT_PUSH_MODEL_SOP_CLASS,
     STORAGE_COMMITMENT_PUSH_MODEL_SOP_INSTANCE,
@@ -108,13 +110,24 @@ def request_commitment(
     *,
     timeout: float,
     wait: float,
+    durable: Path | None = None,
 ) -> RequestOutcome:
-    """Associate, send the N-ACTION, take an N-EVENT-REPORT on this association for ``wait`` s."""
+    """Associate, send the N-ACTION, take an N-EVENT-REPORT on this association for ``wait`` s.
+
+    With ``durable`` (a folder on the database's filesystem) the report is flushed there before
+    it is answered with success.
+    """
     where = f"{destination.ae_title}@{destination.host}:{destination.port}"
     answered = threading.Event()
 
     def on_report(event: Any) -> tuple[int, None]:
         status, _comment = apply_report(store, event.event_information, where)
+        if status == Status.SUCCESS and durable is not None:
+            try:
+                sync_filesystem(durable)
+            except OSError as exc:
+                logger.error("Storage Commitment report from %s not flushed (errno %s)", where, exc.errno)
+                return int(Status.PROCESSING_FAILURE), None
         if status == Status.SUCCESS:
             answered.set()
         return int(status), None
@@ -220,10 +233,14 @@ class Committer:
         ae_title: str,
         max_objects_per_transaction: int = 64,
         rng: random.Random | None = None,
+        durable: Path | None = None,
     ) -> None:
         self.delivery = delivery
         self.destinations = [d for d in destinations if d.storage_commitment]
         self.store = CommitmentStore(sessions)
+        # A report taken on the N-ACTION's association is answered only once durable: SQLite at
+        # synchronous NORMAL (the default beside the spool) leaves that to a syncfs of its filesystem.
+        self.durable = durable
         self.ae_title = ae_title
         self.max_objects = max(1, max_objects_per_transaction)
         self.rng = rng or random.Random()
@@ -312,6 +329,7 @@ class Committer:
                     self.store,
                     timeout=self.delivery.timeout_seconds,
                     wait=self.delivery.commitment_wait_seconds,
+                    durable=self.durable,
                 )
             except Exception as exc:  # a bug or a library error: the objects are resent, bounded by give-up
                 logger.exception(

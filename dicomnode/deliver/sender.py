@@ -80,6 +80,7 @@ class Sender:
             ae_title=ae_title,
             max_objects_per_transaction=self.max_objects_per_association,
             rng=self.rng,
+            durable=self.storage_root,
         )
 
     @classmethod

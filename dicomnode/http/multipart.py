@@ -21,6 +21,7 @@ from typing import BinaryIO
 PART_HEADER_LIMIT = 16 * 1024  # bytes of one part's header block
 MEMORY_PART_BYTES = 8 * 1024 * 1024  # a larger part is spooled to a temporary file
 MEMORY_REQUEST_BYTES = 64 * 1024 * 1024  # parts held in memory together; later ones go to files
+MAX_PARTS = 1000  # per request: each spooled part holds an open temporary file until the request ends
 
 
 class MultipartError(ValueError):
@@ -117,16 +118,37 @@ class MultipartReader:
         self._state = self._PREAMBLE
         self._part: Part | None = None
         self.parts: list[Part] = []
+        self._earlier_disk = 0  # sizes of the parts before the current one, kept as they end
+        self._earlier_memory = 0
+
+    def _current(self, on_disk: bool) -> int:
+        part = self._part
+        return part.size if part is not None and part.on_disk == on_disk else 0
 
     @property
     def disk_bytes(self) -> int:
         """Bytes spooled to temporary files so far."""
-        return sum(part.size for part in self.parts if part.on_disk)
+        return self._earlier_disk + self._current(True)
 
     @property
     def memory_bytes(self) -> int:
         """Bytes of parts held in memory."""
-        return sum(part.size for part in self.parts if not part.on_disk)
+        return self._earlier_memory + self._current(False)
+
+    def _start_part(self, part: Part) -> None:
+        if len(self.parts) >= MAX_PARTS:
+            raise MultipartError(f"more than {MAX_PARTS} parts in one request: send the instances in batches")
+        self._part = part
+        self.parts.append(part)
+
+    def _end_part(self) -> None:
+        part = self._part
+        assert part is not None
+        if part.on_disk:
+            self._earlier_disk += part.size
+        else:
+            self._earlier_memory += part.size
+        self._part = None
 
     def feed(self, chunk: bytes) -> None:
         self._buffer += chunk
@@ -185,8 +207,7 @@ class MultipartReader:
                     raise MultipartError(f"a part's headers exceed {PART_HEADER_LIMIT} bytes")
                 block, rest = bytes(buffer[:end]), end + 4
             budget = max(0, MEMORY_REQUEST_BYTES - self.memory_bytes)
-            self._part = Part(parse_header_block(block), self._spool_dir, min(MEMORY_PART_BYTES, budget))
-            self.parts.append(self._part)
+            self._start_part(Part(parse_header_block(block), self._spool_dir, min(MEMORY_PART_BYTES, budget)))
             del buffer[:rest]
             self._state = self._BODY
             return True
@@ -201,7 +222,7 @@ class MultipartReader:
                 return False
             self._part.write(memoryview(buffer)[:at])
             del buffer[: at + len(self._body_delimiter)]
-            self._part = None
+            self._end_part()
             self._state = self._AFTER_DELIMITER
             return True
         buffer.clear()  # the epilogue after the closing delimiter is ignored

@@ -195,6 +195,12 @@ class StowService:
         except MultipartError as exc:
             reader.close()
             raise StowRequestError(400, f"malformed multipart body: {exc}") from exc
+        except OSError as exc:  # spooling a part: disk full, quota, no file descriptor left
+            reader.close()
+            logger.error(
+                "STOW-RS: cannot spool the request body (%s, errno %s)", type(exc).__name__, exc.errno
+            )
+            raise StowRequestError(503, "cannot spool the request body now; retry later") from exc
         except BaseException:
             reader.close()
             raise

@@ -24,6 +24,7 @@ import struct
 from dataclasses import dataclass
 
 from dicomnode.net.association import (
+    STORAGE_COMMITMENT_PUSH_MODEL_SOP_CLASS,
     VERIFICATION_SOP_CLASS,
     AbortAssociationError,
     AbortReason,
@@ -216,6 +217,8 @@ def dispatch(
             response = Response(Status.CANNOT_UNDERSTAND, "C-STORE request without a data set")
         else:
             response = service_user.c_store(association, command, transfer_syntax, data)
+    elif field == N_EVENT_REPORT_RQ and abstract_syntax != STORAGE_COMMITMENT_PUSH_MODEL_SOP_CLASS:
+        response = Response(Status.NO_SUCH_SOP_CLASS, "N-EVENT-REPORT only on the Storage Commitment context")
     elif field == N_EVENT_REPORT_RQ and (handler := getattr(service_user, "n_event_report", None)):
         response = handler(association, command, transfer_syntax, data)
     else:

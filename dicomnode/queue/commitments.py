@@ -276,8 +276,10 @@ class CommitmentStore:
     # --- helpers -----------------------------------------------------------------------------------
 
     def _get(self, session: Session, transaction_uid: str) -> Commitment | None:
+        """The transaction, row-locked until the caller's transaction ends (PostgreSQL; SQLite's
+        BEGIN IMMEDIATE already serialises writers), so a report and a time-out never interleave."""
         return session.scalars(
-            select(Commitment).where(Commitment.transaction_uid == transaction_uid)
+            select(Commitment).where(Commitment.transaction_uid == transaction_uid).with_for_update()
         ).first()
 
     def _close(self, transaction_uid: str, state: CommitmentState, reason: str, now: datetime) -> int:
@@ -323,6 +325,8 @@ def report_from_dataset(dataset: Dataset) -> Report:
     transaction_uid = str(dataset.get("TransactionUID", "") or "").strip()
     if not transaction_uid:
         raise ReportError(Status.INVALID_ARGUMENT_VALUE, "no Transaction UID")
+    if len(transaction_uid) > 64 or not all(c.isdigit() or c == "." for c in transaction_uid):
+        raise ReportError(Status.INVALID_ARGUMENT_VALUE, "the Transaction UID is not a UID")  # never logged
     committed = tuple(
         str(item.get("ReferencedSOPInstanceUID", "")) for item in dataset.get("ReferencedSOPSequence", [])
     )

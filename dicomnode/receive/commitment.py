@@ -51,9 +51,15 @@ def commitment_context() -> PresentationContext:
 class CommitmentReports:
     """Answers N-EVENT-REPORT requests (Storage Commitment results) for the listener."""
 
-    def __init__(self, store: CommitmentStore, clock: Callable[[], datetime] = utcnow) -> None:
+    def __init__(
+        self,
+        store: CommitmentStore,
+        clock: Callable[[], datetime] = utcnow,
+        flush: Callable[[], None] = lambda: None,
+    ) -> None:
         self.store = store
         self.clock = clock
+        self.flush = flush  # the spool's flush: SQLite at synchronous NORMAL is durable only after it
 
     def n_event_report(
         self,
@@ -81,7 +87,9 @@ class CommitmentReports:
             return Response(Status.PROCESSING_FAILURE, "Event Information cannot be parsed")
         try:
             status, comment = apply_report(self.store, dataset, peer, self.clock())
-        except Exception as exc:  # the database: the peer may send the report again
+            if status == Status.SUCCESS:
+                self.flush()  # answered success only once the stored result is durable
+        except Exception as exc:  # the database or the flush: the peer may send the report again
             logger.error("N-EVENT-REPORT from %s not stored: %s", peer, type(exc).__name__)
             return Response(Status.PROCESSING_FAILURE, "the result cannot be stored now")
         return Response(status, comment)

@@ -29,6 +29,7 @@ HEADER_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesI
 _LAST_HEADER_TAG = 0x0020000E
 _INFLATE_LIMIT = 4 * 1024 * 1024  # inflated bytes enough for the header of a deflated data set
 _HEADER_PREFIX = 256 * 1024  # bytes joined for the header parse before trying the whole data set
+_HEADER_FALLBACK_LIMIT = 64 * 1024 * 1024  # bytes parsed at most when the prefix was not enough
 _INFLATE_CHUNK = 1024 * 1024
 # Explicit VR elements whose length field is 4 bytes (PS3.5 7.1.2); the others have 2.
 _LONG_VRS = frozenset(
@@ -47,8 +48,9 @@ def read_header(fragments: list[memoryview], size: int, transfer_syntax_uid: str
     """Parse the data set's leading attributes, up to Series Instance UID, in its transfer syntax.
 
     Only the first fragments are joined for it (the identifying attributes come first); when they
-    were not enough, the whole data set is. An empty or garbage data set parses "successfully"
-    into something without UIDs, which the caller then refuses. Pixel data is never read.
+    were not enough, up to ``_HEADER_FALLBACK_LIMIT`` bytes are (never a copy of a whole multi-GB
+    part). An empty or garbage data set parses "successfully" into something without UIDs, which
+    the caller then refuses. Pixel data is never read.
     """
     prefix = bytearray()
     for fragment in fragments:
@@ -63,7 +65,14 @@ def read_header(fragments: list[memoryview], size: int, transfer_syntax_uid: str
             return header
     except Exception:  # the prefix ended inside an element: parse the whole data set below
         pass
-    return parse_header(b"".join(fragments), transfer_syntax_uid)
+    if size <= _HEADER_FALLBACK_LIMIT:
+        return parse_header(b"".join(fragments), transfer_syntax_uid)
+    head = bytearray()
+    for fragment in fragments:
+        head += fragment[: _HEADER_FALLBACK_LIMIT - len(head)]
+        if len(head) >= _HEADER_FALLBACK_LIMIT:
+            break
+    return parse_header(bytes(head), transfer_syntax_uid)  # still no UIDs: the caller refuses it
 
 
 def parse_header(data: bytes, transfer_syntax_uid: str) -> Dataset:

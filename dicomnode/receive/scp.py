@@ -87,7 +87,7 @@ class StorageSCP:
     def __init__(self, store: InstanceStore, queue: JobQueue) -> None:
         self.store = store
         self.queue = queue
-        self.commitments = CommitmentReports(CommitmentStore(queue.sessions))
+        self.commitments = CommitmentReports(CommitmentStore(queue.sessions), flush=store.flush)
 
     def check_association(self, association: Association) -> tuple[int, int, int] | None:
         return None  # AE titles and limits are checked by the acceptor; the disk floor per C-STORE

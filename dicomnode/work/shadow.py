@@ -217,8 +217,12 @@ class ShadowRunner:
             return
         metrics.shadow_run(identity.name, identity.version, "error" if run.error else "ok")
         if run.error:
-            logger.warning(
-                "job %d study %s: shadow %s failed: %s", job.id, job.study_instance_uid, run.name, run.error
+            logger.warning(  # the error's kind only: its text may quote header values (stored, not logged)
+                "job %d study %s: shadow %s failed: %s",
+                job.id,
+                job.study_instance_uid,
+                run.name,
+                run.error.split(":", 2)[1].strip() if run.error.count(":") >= 2 else run.error,
             )
             return
         decided = ", ".join(
