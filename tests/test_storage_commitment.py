@@ -613,3 +613,24 @@ def test_serve_delivers_to_orthanc_and_its_commitment_report_marks_every_object_
         print(node.log_tail())
         raise
     assert node.stop() == 0
+
+
+def test_retention_keeps_a_study_whose_commitment_is_awaited(services: Services) -> None:
+    """A delivered object whose report is still due is pending work: purging it would leave the
+    report nothing to find and the failed objects nothing to resend."""
+    from dicomnode.queue.purge import has_pending_work
+
+    transaction_uid, delivered = open_transaction(services)
+
+    def pending() -> bool:
+        with services.sessions() as session:
+            study = session.scalar(select(Study).where(Study.study_instance_uid == STUDY_UID))
+            assert study is not None
+            return has_pending_work(session, study.id, STUDY_UID)
+
+    assert pending()
+    answer = CommitmentStore(services.sessions).answer(
+        transaction_uid, [delivered.sop_instance_uid], [], utcnow()
+    )
+    assert answer.result is AnswerResult.RECORDED
+    assert not pending()

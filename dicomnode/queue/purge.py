@@ -11,7 +11,17 @@ from dataclasses import dataclass
 from sqlalchemy import delete, exists, or_, select
 from sqlalchemy.orm import Session
 
-from dicomnode.db import DeliveryState, Instance, Job, JobState, Outbox, Result, Study
+from dicomnode.db import (
+    Commitment,
+    CommitmentState,
+    DeliveryState,
+    Instance,
+    Job,
+    JobState,
+    Outbox,
+    Result,
+    Study,
+)
 
 
 @dataclass(frozen=True)
@@ -26,14 +36,21 @@ class DeletedStudy:
 
 
 def has_pending_work(session: Session, study_id: int, study_instance_uid: str) -> bool:
-    """Instances not yet in a job, a job not done, or a result object not yet delivered or dead."""
+    """Instances not yet in a job, a job not done, a result object not yet delivered or dead, or one
+    delivered whose Storage Commitment is still awaited (its report must find the row and file)."""
     unassigned = exists().where(Instance.study_id == study_id, Instance.job_id.is_(None))
     unfinished = exists().where(Job.study_id == study_id, Job.state != JobState.DONE)
     undelivered = exists().where(
         Outbox.study_instance_uid == study_instance_uid,
         Outbox.state.in_([DeliveryState.PENDING, DeliveryState.COMMIT_FAILED]),
     )
-    return bool(session.scalar(select(or_(unassigned, unfinished, undelivered))))
+    awaiting_commitment = exists().where(
+        Outbox.study_instance_uid == study_instance_uid,
+        Outbox.state == DeliveryState.DELIVERED,
+        Outbox.commitment_id == Commitment.id,
+        Commitment.state == CommitmentState.REQUESTED,
+    )
+    return bool(session.scalar(select(or_(unassigned, unfinished, undelivered, awaiting_commitment))))
 
 
 def delete_study(session: Session, study_id: int) -> DeletedStudy | None:
