@@ -89,10 +89,12 @@ def open_retention(tmp_path: Path, **retention: float) -> Services:
 
 
 def test_delivered_studies_past_the_limit_go_and_nothing_pending_does(tmp_path: Path) -> None:
-    """Only the old delivered study goes; recent, pending, unfinished, unassigned, dead-letter ones stay."""
+    """Only old delivered (or committed) studies go; recent, pending, unfinished, unassigned, dead-letter
+    ones stay."""
     services = open_retention(tmp_path, delete_after_days=30)
     try:
         old = add_study(services, "1", age_days=40)
+        committed = add_study(services, "8", age_days=40, delivery=DeliveryState.COMMITTED)
         recent = add_study(services, "2", age_days=1)
         kept = {
             recent,
@@ -103,8 +105,10 @@ def test_delivered_studies_past_the_limit_go_and_nothing_pending_does(tmp_path: 
             add_study(services, "7", age_days=40, job=JobState.FAILED, delivery=None),
         }
         chosen = candidates(services, now=NOW, usage=lambda _path: (10, 1000))
-        assert [c.study_instance_uid for c in chosen] == [old]
+        assert sorted(c.study_instance_uid for c in chosen) == sorted([old, committed])
         assert "older than 30 days" in chosen[0].reason
+        chosen = [c for c in chosen if c.study_instance_uid == old]  # the committed one is left here
+        kept.add(committed)
 
         audit.configure(services.config)
         try:
@@ -117,7 +121,7 @@ def test_delivered_studies_past_the_limit_go_and_nothing_pending_does(tmp_path: 
         assert (root / "instances" / recent).exists() and (root / "results" / recent).exists()
         with services.sessions() as session:
             assert session.scalar(select(func.count(Outbox.id)).where(Outbox.study_instance_uid == old)) == 0
-            assert session.scalar(select(func.count(Result.id))) == 3  # the kept studies' results
+            assert session.scalar(select(func.count(Result.id))) == 4  # the kept studies' results
 
         (line,) = audit.audit_path(services.config).read_bytes().splitlines()
         message = etree.fromstring(line)

@@ -28,7 +28,7 @@ from dicomnode.queue.purge import delete_study
 
 logger = logging.getLogger(__name__)
 
-FINISHED_STATES = ("delivered", "done")  # "done": nothing to deliver (no model applied, no destination)
+FINISHED_STATES = ("delivered", "committed", "done")  # "done": nothing to deliver (no model, no destination)
 DiskUsage = Callable[[Path], tuple[int, int]]  # path -> (used bytes, total bytes)
 
 
