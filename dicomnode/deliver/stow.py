@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import json
 import secrets
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -81,10 +82,17 @@ def store_all(
     headers["Accept"] = "application/dicom+json, application/dicom+xml;q=0.9, application/json;q=0.8"
     headers["Content-Length"] = str(_body_length(prepared, boundary))
     try:
-        with httpx.Client(verify=_verify(destination), timeout=httpx.Timeout(timeout)) as client:
-            response = client.post(
-                f"{destination.url}/studies", content=_body(prepared, boundary), headers=headers
-            )
+        with (
+            httpx.Client(verify=_verify(destination), timeout=httpx.Timeout(timeout)) as client,
+            client.stream(
+                "POST", f"{destination.url}/studies", content=_body(prepared, boundary), headers=headers
+            ) as response,
+        ):
+            content = _read_capped(response, deadline=time.monotonic() + _answer_seconds(timeout))
+    except _AnswerTooLargeError:
+        whole = Outcome(Verdict.RETRY, f"{destination.url} answered more than {MAX_ANSWER_BYTES} bytes")
+        yield from ((item, whole) for item in prepared)
+        return
     except httpx.TimeoutException as exc:
         whole = Outcome(
             Verdict.RETRY, f"no answer from {destination.url} within {timeout:g} s ({type(exc).__name__})"
@@ -100,9 +108,33 @@ def store_all(
         response.status_code,
         response.reason_phrase,
         response.headers,
-        response.content,
+        content,
         _credentials_key(destination),
     )
+
+
+MAX_ANSWER_BYTES = 16 * 1024 * 1024  # a STOW-RS response lists the objects of one batch: far less
+
+
+class _AnswerTooLargeError(Exception):
+    pass
+
+
+def _answer_seconds(timeout: float) -> float:
+    """The whole answer's deadline: the per-read timeout bounds each read, this a trickling peer."""
+    return max(4 * timeout, 60.0)
+
+
+def _read_capped(response: httpx.Response, *, deadline: float) -> bytes:
+    """The response body, at most MAX_ANSWER_BYTES and read before ``deadline`` (else an error)."""
+    body = bytearray()
+    for chunk in response.iter_bytes():
+        body += chunk
+        if len(body) > MAX_ANSWER_BYTES:
+            raise _AnswerTooLargeError
+        if time.monotonic() > deadline:
+            raise httpx.ReadTimeout("the answer did not end before its deadline")
+    return bytes(body)
 
 
 def outcomes(
