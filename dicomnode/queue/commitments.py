@@ -69,20 +69,6 @@ class Answer:
     unknown: list[str] = field(default_factory=list)  # listed SOP Instance UIDs not in the transaction
 
 
-def _row(row: Outbox) -> OutboxRow:
-    return OutboxRow(
-        id=row.id,
-        job_id=row.job_id,
-        study_instance_uid=row.study_instance_uid,
-        destination=row.destination,
-        sop_instance_uid=row.sop_instance_uid,
-        sop_class_uid=row.sop_class_uid,
-        path=row.path,
-        attempts=row.attempts,
-        created_at=row.created_at,
-    )
-
-
 class CommitmentStore:
     """Database side of Storage Commitment: transactions, answers, expiry and settling."""
 
@@ -105,7 +91,7 @@ class CommitmentStore:
                 .order_by(Outbox.id)
                 .limit(limit)
             ).all()
-            return [_row(row) for row in rows]
+            return [OutboxRow.of(row) for row in rows]
 
     def begin(
         self,
@@ -202,7 +188,7 @@ class CommitmentStore:
                 .order_by(Outbox.id)
                 .limit(limit)
             ).all()
-            return [(_row(row), row.last_error or "storage commitment failed") for row in rows]
+            return [(OutboxRow.of(row), row.last_error or "storage commitment failed") for row in rows]
 
     def settle(self, row: OutboxRow, state: DeliveryState, next_attempt_at: datetime, error: str) -> None:
         """Reschedule a failed row (``commit-failed`` due at ``next_attempt_at``, or ``dead``)."""

@@ -141,6 +141,21 @@ class OutboxRow:
     attempts: int
     created_at: datetime
 
+    @classmethod
+    def of(cls, row: Outbox) -> OutboxRow:
+        """The detached copy of a loaded ``Outbox`` row."""
+        return cls(
+            id=row.id,
+            job_id=row.job_id,
+            study_instance_uid=row.study_instance_uid,
+            destination=row.destination,
+            sop_instance_uid=row.sop_instance_uid,
+            sop_class_uid=row.sop_class_uid,
+            path=row.path,
+            attempts=row.attempts,
+            created_at=row.created_at,
+        )
+
 
 @dataclass(frozen=True)
 class DeliveryAttempt:
@@ -232,19 +247,7 @@ class OutboxQueue:
                     continue
                 row = session.get(Outbox, row_id)
                 assert row is not None
-                claimed.append(
-                    OutboxRow(
-                        id=row.id,
-                        job_id=row.job_id,
-                        study_instance_uid=row.study_instance_uid,
-                        destination=row.destination,
-                        sop_instance_uid=row.sop_instance_uid,
-                        sop_class_uid=row.sop_class_uid,
-                        path=row.path,
-                        attempts=row.attempts,
-                        created_at=row.created_at,
-                    )
-                )
+                claimed.append(OutboxRow.of(row))
         return claimed
 
     def record(self, row: OutboxRow, attempt: DeliveryAttempt) -> None:
