@@ -47,9 +47,17 @@ class ShadowRun:
     name: str  # as the route names it: NAME, a folder, or NAME@VERSION
     images: list[ImageInput] = field(default_factory=list)
     reporting: list[str] = field(default_factory=list)  # each image's reporting model, as routed
-    error: str | None = None
+    error: str | None = None  # stored in its result row
+    logged_error: str | None = (
+        None  # what the log says of it: never an exception's text (it may quote header values)
+    )
     store: bool = True  # False for a shadow that is the reporting model itself under another name
     identity: ModelIdentity | None = None  # from the package's card, once it loaded
+
+    def fail(self, error: str, *, logged: str | None = None) -> None:
+        """Record why the run failed; ``logged`` (default: ``error``) is what the log line shows."""
+        self.error = error
+        self.logged_error = logged or error
 
     def model_identity(self) -> ModelIdentity:
         """The card's identity; for a package that never loaded, what the route's name says."""
@@ -129,10 +137,14 @@ class ShadowRunner:
             self._thread = None  # stuck in the model: a later run (if the exit is stubbed) gets another
             for run in runs:
                 if run.error is None:
-                    run.error = f"shadow model timed out after {timeout:.0f} s; worker restarted"
+                    run.fail(f"shadow model timed out after {timeout:.0f} s; worker restarted")
         except Exception as exc:  # _predict isolates errors per run; this is a bug, not a shadow's fault
             for run in runs:
-                run.error = run.error or f"shadow pass failed: {type(exc).__name__}: {exc}"
+                if run.error is None:
+                    run.fail(
+                        f"shadow pass failed: {type(exc).__name__}: {exc}",
+                        logged=f"shadow pass failed: {type(exc).__name__}",
+                    )
             hung = False
         reported()
         for run in runs:
@@ -152,13 +164,14 @@ class ShadowRunner:
                 card = self.registry.package(name).card
             except Exception as exc:  # missing or invalid package: ModelUnavailableError, ConfigurationError
                 for run in group:
-                    run.error = str(exc)
+                    run.fail(str(exc))  # the package's own message (names the model, not the data)
                 continue
             for run in group:
                 run.identity = card.identity
                 if any(self.registry.package(r).card.identity == card.identity for r in run.reporting):
                     logger.warning("shadow %s is the reporting model itself; not run", name)
-                    run.error, run.store = "the reporting model itself", False
+                    run.fail("the reporting model itself")
+                    run.store = False
                     continue
                 self._decode(run, card.preprocessing)
             images = [image for run in group if run.error is None for image in run.images]
@@ -174,7 +187,10 @@ class ShadowRunner:
                     try:
                         predict(run.images, self.registry)
                     except Exception as inner:
-                        run.error = f"shadow model failed: {type(inner).__name__}: {inner}"
+                        run.fail(
+                            f"shadow model failed: {type(inner).__name__}: {inner}",
+                            logged=f"shadow model failed: {type(inner).__name__}",
+                        )
 
     def _decode(self, run: ShadowRun, spec: PreprocessSpec) -> None:
         """Share the reporting model's decode when the preprocessing is the same, else decode again."""
@@ -190,7 +206,7 @@ class ShadowRunner:
                 display_max_size=None,
             )
         if all(image.array is None for image in run.images):
-            run.error = "no image could be decoded for the shadow model"
+            run.fail("no image could be decoded for the shadow model")
 
     def _store(self, run: ShadowRun) -> None:
         """One row: the findings on the images the shadow read, or its error; one log line."""
@@ -198,7 +214,7 @@ class ShadowRunner:
         identity = run.model_identity()
         images = [image for image in run.images if image.probabilities is not None]
         if run.error is None and not images:
-            run.error = "the shadow model produced no probabilities"
+            run.fail("the shadow model produced no probabilities")
         findings = (
             study_findings(job.study_instance_uid, identity, images, {}, job.id)
             if run.error is None
@@ -217,12 +233,12 @@ class ShadowRunner:
             return
         metrics.shadow_run(identity.name, identity.version, "error" if run.error else "ok")
         if run.error:
-            logger.warning(  # the error's kind only: its text may quote header values (stored, not logged)
+            logger.warning(
                 "job %d study %s: shadow %s failed: %s",
                 job.id,
                 job.study_instance_uid,
                 run.name,
-                run.error.split(":", 2)[1].strip() if run.error.count(":") >= 2 else run.error,
+                run.logged_error or run.error,
             )
             return
         decided = ", ".join(
