@@ -13,8 +13,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from postgres import PostgresServer, postgres_bin_dir
+from sqlalchemy.orm import Session, sessionmaker
 
+from dicomnode import migrate
 from dicomnode.config import Config, config_from_mapping
+from dicomnode.db import make_engine, make_sessionmaker
 from dicomnode.node.services import Services, open_services
 from dicomnode.receive.scp import start_listener, stop_listener
 
@@ -112,3 +115,31 @@ def backend_services(backend_config: Config) -> Iterator[Services]:
     svc = open_services(backend_config, upgrade=True)
     yield svc
     svc.close()
+
+
+# --- the delivery tests' fixtures (sender, STOW-RS, Storage Commitment) ----------------------------
+
+
+@pytest.fixture
+def sessions(tmp_path: Path) -> sessionmaker[Session]:
+    """A migrated SQLite database under tmp_path, without the rest of the node's services."""
+    engine = make_engine(f"sqlite:///{tmp_path}/db.sqlite")
+    migrate.upgrade(engine)
+    return make_sessionmaker(engine)
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> Path:
+    """A storage folder with its results/ subfolder, as the worker leaves it."""
+    root = tmp_path / "var"
+    (root / "results").mkdir(parents=True)
+    return root
+
+
+@pytest.fixture
+def peers() -> Iterator[list[Any]]:
+    """Collects started peers (PACS, SCPs, nodes) and stops them all in teardown."""
+    started: list[Any] = []
+    yield started
+    for peer in started:
+        peer.stop()

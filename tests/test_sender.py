@@ -7,7 +7,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -43,29 +43,6 @@ POLICY = DeliveryConfig(
 
 
 # --- fixtures and helpers --------------------------------------------------------------------------
-
-
-@pytest.fixture
-def sessions(tmp_path: Path) -> sessionmaker[Session]:
-    engine = make_engine(f"sqlite:///{tmp_path}/db.sqlite")
-    migrate.upgrade(engine)
-    return make_sessionmaker(engine)
-
-
-@pytest.fixture
-def storage(tmp_path: Path) -> Path:
-    root = tmp_path / "var"
-    (root / "results").mkdir(parents=True)
-    return root
-
-
-@pytest.fixture
-def peers() -> Iterator[list[Any]]:
-    """Collects started peers and stops them all in teardown."""
-    started: list[Any] = []
-    yield started
-    for peer in started:
-        peer.stop()
 
 
 def destination(port: int, ae_title: str = "STORESCP", name: str = "pacs") -> DestinationConfig:

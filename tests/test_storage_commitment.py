@@ -13,7 +13,7 @@ import dataclasses
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -62,14 +62,6 @@ POLICY = DeliveryConfig(
 
 
 # --- helpers -----------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def peers() -> Iterator[list[Any]]:
-    started: list[Any] = []
-    yield started
-    for peer in started:
-        peer.stop()
 
 
 def add_result(

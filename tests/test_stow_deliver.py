@@ -37,36 +37,12 @@ from test_sender import add_result, later, make_sender, outbox
 from test_stow_policy import stow_json, stow_xml
 from test_tls import pki  # noqa: F401 - the module's test CA, server and client certificates
 
-from dicomnode import migrate
 from dicomnode.config import DestinationConfig, DestinationTLSConfig
-from dicomnode.db import DeliveryState, make_engine, make_sessionmaker, utcnow
+from dicomnode.db import DeliveryState, utcnow
 from dicomnode.queue.outbox import OutboxQueue
 
 SR = "test-SR.dcm"  # a Basic Text SR from pydicom's test files
 KEY_IMAGE = "SC_rgb.dcm"  # an RGB Secondary Capture, as dicomnode's key images are
-
-
-@pytest.fixture
-def sessions(tmp_path: Path) -> sessionmaker[Session]:
-    engine = make_engine(f"sqlite:///{tmp_path}/db.sqlite")
-    migrate.upgrade(engine)
-    return make_sessionmaker(engine)
-
-
-@pytest.fixture
-def storage(tmp_path: Path) -> Path:
-    root = tmp_path / "var"
-    (root / "results").mkdir(parents=True)
-    return root
-
-
-@pytest.fixture
-def peers() -> Iterator[list[Any]]:
-    """Collects started peers and stops them all in teardown."""
-    started: list[Any] = []
-    yield started
-    for peer in started:
-        peer.stop()
 
 
 def dicomweb(url: str, name: str = "web", **kwargs: Any) -> DestinationConfig:
