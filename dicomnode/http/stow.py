@@ -8,6 +8,7 @@ into the Failed SOP Sequence with the C-STORE status as its Failure Reason.
 
 The whole body is read first (capped by ``http.stow_max_request_mb``; parts spooled within the
 limits of ``http.multipart``), so a request refused as too large or malformed stores nothing.
+This module is the request and its answer; one part's way through the rule set is ``http.stow_part``.
 """
 
 from __future__ import annotations
@@ -18,14 +19,10 @@ import threading
 import time
 from dataclasses import dataclass, field
 from email.message import Message
-from typing import Any, BinaryIO, cast
+from typing import Any
 
 import anyio
 import anyio.to_thread
-from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filereader import read_dataset
-from pydicom.tag import BaseTag
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -33,11 +30,12 @@ from starlette.routing import Route
 
 from dicomnode import audit, metrics
 from dicomnode.config import Config
-from dicomnode.errors import InvalidDatasetError, StorageFullError
+from dicomnode.errors import InvalidDatasetError
 from dicomnode.http.multipart import MultipartError, MultipartReader, Part
-from dicomnode.queue.jobs import InstanceRecord, JobQueue
-from dicomnode.receive.ingest import StoreRefused, record_from, store_instance
-from dicomnode.receive.scp import ACCEPTED_TRANSFER_SYNTAXES, storage_sop_classes
+from dicomnode.http.stow_part import Outcome, flush_parts, ingest_part
+from dicomnode.queue.jobs import JobQueue
+from dicomnode.receive.ingest import StoreRefused
+from dicomnode.receive.scp import storage_sop_classes
 from dicomnode.receive.spool import InstanceStore, validate_uid
 from dicomnode.status import OUT_OF_RESOURCES_RANGE, Status, status_label
 
@@ -45,7 +43,6 @@ logger = logging.getLogger(__name__)
 
 DICOM_JSON = "application/dicom+json"
 SOURCE_LABEL = "STOW-RS"  # the calling_ae_title label of the reception metric, the audit's user id
-_META_PREFIX = 1024 * 1024  # bytes of a part searched for its File Meta Information
 MAX_CONCURRENT_REQUESTS = 4  # more at once are answered 503 (bounds the memory parts may hold)
 FLUSH_EVERY_SECONDS = 1.0  # the longest a written part of a request waits for its flush
 DISK_CHECK_BYTES = 8 * 1024 * 1024  # free space is read again after this many bytes spooled to disk
@@ -65,17 +62,6 @@ class StowRequestError(Exception):
         super().__init__(message)
         self.status_code = status_code
         self.message = message
-
-
-@dataclass
-class Outcome:
-    """What became of one part: stored (or a resend) or refused with a status."""
-
-    sop_class_uid: str = ""
-    sop_instance_uid: str = ""
-    refused: StoreRefused | None = None
-    record: InstanceRecord | None = None
-    recorded: bool = False  # False for a resend: already held
 
 
 @dataclass
@@ -227,14 +213,14 @@ class StowService:
         unflushed: list[Outcome] = []
         last_flush = time.monotonic()
         for part in parts:
-            outcome = self._ingest(store, part, study)
+            outcome = ingest_part(store, self.queue, self.sop_classes, part, study)
             peer.outcomes.append(outcome)
             if outcome.refused is None:
                 unflushed.append(outcome)
             if unflushed and time.monotonic() - last_flush >= FLUSH_EVERY_SECONDS:
-                _flush(store, unflushed)
+                flush_parts(store, unflushed)
                 last_flush = time.monotonic()
-        _flush(store, unflushed)
+        flush_parts(store, unflushed)
         for outcome in peer.outcomes:
             refused = outcome.refused
             if refused is None:
@@ -251,82 +237,6 @@ class StowService:
                 f" ({refused.detail})" if refused.detail else "",
             )
             metrics.instance_received(SOURCE_LABEL, refused.status.name)
-
-    def _ingest(self, store: InstanceStore, part: Part, study: str | None) -> Outcome:
-        """Write and index one part (its flush comes later); the outcome says what became of it."""
-        outcome = Outcome()
-        try:
-            media_type = part.headers.get("content-type", "application/dicom").split(";")[0].strip().lower()
-            if media_type != "application/dicom":
-                raise StoreRefused(Status.CANNOT_UNDERSTAND, "the part is not application/dicom")
-            with part.view() as body:
-                outcome.record, outcome.recorded = self._store_part(store, body, study, outcome)
-        except StoreRefused as refused:
-            outcome.refused = refused
-            outcome.sop_instance_uid = refused.sop_instance_uid or outcome.sop_instance_uid
-        except Exception as exc:  # a fault outside the rule set (mapping the spooled part): this part only
-            outcome.refused = StoreRefused(
-                Status.PROCESSING_FAILURE, "the part cannot be processed", detail=type(exc).__name__
-            )
-        return outcome
-
-    def _store_part(
-        self, store: InstanceStore, body: memoryview, study: str | None, outcome: Outcome
-    ) -> tuple[InstanceRecord, bool]:
-        """One Part 10 file through the C-STORE rule set; StoreRefused for every failure."""
-        try:
-            meta, offset = part10_meta(body)
-        except Exception as exc:
-            raise StoreRefused(
-                Status.CANNOT_UNDERSTAND,
-                "not a PS3.10 file (preamble, DICM, File Meta Information)",
-                detail=type(exc).__name__,
-            ) from exc
-        outcome.sop_class_uid = _meta_uid(meta, "MediaStorageSOPClassUID")
-        outcome.sop_instance_uid = _meta_uid(meta, "MediaStorageSOPInstanceUID")
-        transfer_syntax = _meta_uid(meta, "TransferSyntaxUID")
-        if not transfer_syntax:
-            raise StoreRefused(
-                Status.CANNOT_UNDERSTAND,
-                "its File Meta Information names no valid Transfer Syntax UID",
-                sop_instance_uid=outcome.sop_instance_uid,
-            )
-        if transfer_syntax not in ACCEPTED_TRANSFER_SYNTAXES:
-            raise StoreRefused(
-                Status.REFERENCED_TRANSFER_SYNTAX_NOT_SUPPORTED,
-                "the transfer syntax is not accepted",
-                detail=transfer_syntax or "none",
-                sop_instance_uid=outcome.sop_instance_uid,
-            )
-        data = [body[offset:]]
-        try:
-            record, file_meta = record_from(
-                store,
-                data,
-                len(body) - offset,
-                transfer_syntax,
-                claimed_sop_class_uid=outcome.sop_class_uid,
-                claimed_sop_instance_uid=outcome.sop_instance_uid,
-                claimed_by="its File Meta Information",
-                calling_ae_title="",
-                log=logger,
-            )
-            outcome.sop_class_uid, outcome.sop_instance_uid = record.sop_class_uid, record.sop_instance_uid
-            if record.sop_class_uid not in self.sop_classes:
-                raise StoreRefused(
-                    Status.SOP_CLASS_NOT_SUPPORTED,
-                    "the SOP class is not a storage SOP class this node accepts",
-                    sop_instance_uid=record.sop_instance_uid,
-                )
-            if study is not None and record.study_instance_uid != study:
-                raise StoreRefused(
-                    Status.CANNOT_UNDERSTAND_UID_MISMATCH,
-                    "StudyInstanceUID of the dataset is not the study of the request",
-                    sop_instance_uid=record.sop_instance_uid,
-                )
-            return record, store_instance(store, self.queue, record, file_meta, data, flush=False)
-        finally:
-            data[0].release()
 
     def _response(self, peer: _Peer, started: float, reader: MultipartReader) -> Response:
         stored = [o for o in peer.outcomes if o.refused is None]
@@ -362,23 +272,6 @@ class StowService:
         return Response(json.dumps(body), status_code=status_code, media_type=DICOM_JSON, headers=headers)
 
 
-def _flush(store: InstanceStore, outcomes: list[Outcome]) -> None:
-    """Make the written parts durable; when that fails, none of them counts as stored (0xA700)."""
-    if not outcomes:
-        return
-    try:
-        store.flush()
-    except StorageFullError as exc:
-        for outcome in outcomes:
-            outcome.refused = StoreRefused(
-                Status.OUT_OF_RESOURCES,
-                "cannot flush the spool to disk",
-                detail=str(exc),
-                sop_instance_uid=outcome.sop_instance_uid,
-            )
-    outcomes.clear()
-
-
 def _item(outcome: Outcome, refused: StoreRefused | None) -> dict[str, Any]:
     item: dict[str, Any] = {}
     if outcome.sop_class_uid:
@@ -388,41 +281,6 @@ def _item(outcome: Outcome, refused: StoreRefused | None) -> dict[str, Any]:
     if refused is not None:
         item[_FAILURE_REASON] = {"vr": "US", "Value": [int(refused.status)]}
     return item
-
-
-def part10_meta(body: memoryview) -> tuple[Dataset, int]:
-    """The File Meta Information of a part and the offset of its data set.
-
-    PS3.10 asks for the preamble and ``DICM``; a part that starts right at the File Meta group (what
-    ``pydicom.dcmwrite`` makes of a data set without a preamble, as dicomweb-client sends it) is
-    accepted too. File Meta Information Group Length is not needed: the group ends at the first
-    element of another group. Raise ValueError for anything else.
-    """
-    prefix = bytes(body[:_META_PREFIX])  # a File Meta group is small
-    if prefix[128:132] == b"DICM":
-        start = 132
-    elif prefix[:2] == b"\x02\x00":
-        start = 0
-    else:
-        raise ValueError("neither a preamble with DICM nor File Meta Information")
-    fp = DicomBytesIO(prefix[start:])
-    fp.is_little_endian, fp.is_implicit_VR = True, False
-    meta = read_dataset(cast(BinaryIO, fp), False, True, stop_when=_after_file_meta)
-    if len(meta) == 0:
-        raise ValueError("empty File Meta Information")
-    return meta, start + fp.tell()
-
-
-def _after_file_meta(tag: BaseTag, vr: str | None, length: int) -> bool:
-    return bool(tag.group != 0x0002)
-
-
-def _meta_uid(meta: Any, keyword: str) -> str:
-    """A File Meta UID, validated, or "" when missing or malformed."""
-    try:
-        return validate_uid(meta.get(keyword), keyword)
-    except InvalidDatasetError:
-        return ""
 
 
 def stow_routes(config: Config, sessions: sessionmaker[Session]) -> list[Route]:
