@@ -11,38 +11,28 @@ routes chunk N+1 and decodes its images one by one, side by side in the decode p
 while this thread runs the model and the heat maps on chunk N (one core left free) and a reporter
 thread finishes chunk N-1. An image that hangs its decoder costs only itself: the other images go
 on in the other decode process, a job still waiting for such an image leaves its chunk and follows
-once the decode pool has killed the hang, and studies keep being assembled meanwhile.
+once the decode pool has killed the hang, and studies keep being assembled meanwhile. The stages
+themselves (route, decode, model) are :mod:`dicomnode.work.stages`; this module wires them.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
-from dicomnode import metrics
 from dicomnode.config import Config
-from dicomnode.errors import ConfigurationError, ModelUnavailableError
 from dicomnode.fsio import durable_write
 from dicomnode.node.process import instance_name
 from dicomnode.node.services import Services, open_services
 from dicomnode.queue.jobs import ClaimedJob
 from dicomnode.sandbox import CpuPriority, DecodePool, apply_cpu_priority
 from dicomnode.work.completeness import CompletenessTracker
-from dicomnode.work.inference import (
-    HEADER_UNREADABLE,
-    ModelRegistry,
-    compute_heatmaps,
-    decode_inputs,
-    decode_one,
-    model_cpu_threads,
-    predict,
-    route_files,
-)
-from dicomnode.work.results import DISPLAY_MAX_SIZE, JobWork, ResultWriter
+from dicomnode.work.inference import ModelRegistry, model_cpu_threads
+from dicomnode.work.results import JobWork, ResultWriter
 from dicomnode.work.shadow import ShadowRunner
+from dicomnode.work.stages import STALL_SECONDS, Prepared, conclude_decode, predict_chunk, prepare_chunk
 from dicomnode.work.watchdog import Backoff, Watchdog
 
 logger = logging.getLogger(__name__)
@@ -56,9 +46,6 @@ REPORT_PROCESSES = 1
 # resolution, which a "nearest" model input needs) decodes beside the next one, and so that an image
 # hanging one decoder until its deadline leaves the other decoding.
 DECODE_PROCESSES = 2
-# A chunk whose decodes made no progress this long leaves the jobs still decoding behind (a normal
-# image decodes in well under a second; a hanging one holds its process until decode_timeout).
-STALL_SECONDS = 3.0
 
 
 class StopEvent(Protocol):
@@ -67,9 +54,6 @@ class StopEvent(Protocol):
     def is_set(self) -> bool: ...
 
     def wait(self, timeout: float) -> bool: ...
-
-
-Prepared = tuple[list[JobWork], list[JobWork]]  # (decoded, still decoding)
 
 
 class Worker:
@@ -199,7 +183,7 @@ class Worker:
                 if index + 1 < len(stages):  # decode the next chunk while the model runs
                     prepared = self._start(decoder, stages[index + 1][1])
                 self._leave_behind(token, still_decoding)
-                self._predict([w for w in works if w.error is None])
+                predict_chunk([w for w in works if w.error is None], self.registry)
                 self._finish_pending()
                 self._pending = reporter.submit(self._report, works, token)
                 submitted = index + 1
@@ -218,7 +202,9 @@ class Worker:
             done: Future[Prepared] = Future()
             done.set_result(stage)
             return done
-        return decoder.submit(self._prepare_all, stage)
+        return decoder.submit(
+            prepare_chunk, stage, self.config, self.services.queue, self.registry, self.pool, self._images
+        )
 
     def _await(self, prepared: Future[Prepared]) -> Prepared:
         """Wait for a chunk's decodes, assembling newly stable studies meanwhile."""
@@ -292,7 +278,7 @@ class Worker:
         self._late = [(work, token) for work, token in self._late if not work.decoded()]
         for work, token in ready:
             self.watchdog.clear(token)
-            self._conclude_decode(work)
+            conclude_decode(work)
         return [work for work, _ in ready]
 
     def _hand_back_late(self) -> None:
@@ -304,117 +290,6 @@ class Worker:
                 self.services.queue.fail(work.job, "worker stopped while an image was decoding")
             except Exception as exc:  # the lease runs out and the job is requeued anyway
                 logger.warning("job %d not handed back (%s)", work.job.id, type(exc).__name__)
-
-    # --- the stages --------------------------------------------------------------------------------
-
-    def _prepare_all(self, jobs: list[ClaimedJob]) -> Prepared:
-        """Route each job and decode its images; returns (decoded, still decoding) jobs.
-
-        With a decode pool every image is its own task for the pool's processes, so a slow or
-        hanging image holds one process while the others go on; a job with images still decoding
-        when decodes have made no progress for :data:`STALL_SECONDS` is returned apart.
-        """
-        works = [JobWork(job) for job in jobs]
-        for work in works:
-            self._route(work)
-        worker = self.config.worker
-        for work in works:
-            if work.error is not None:
-                continue
-            work.timings["decode"] = time.perf_counter()  # the start, until the decodes end
-            if self._images is None:
-                decode_inputs(
-                    work.images,
-                    self.registry,
-                    None,
-                    worker.decode_timeout_seconds,
-                    display_max_size=DISPLAY_MAX_SIZE,
-                )
-                continue
-            work.decoding = [
-                self._images.submit(
-                    decode_one,
-                    image,
-                    self.registry,
-                    self.pool,
-                    worker.decode_timeout_seconds,
-                    display_max_size=DISPLAY_MAX_SIZE,
-                )
-                for image in work.images
-            ]
-        running = {future for work in works for future in work.decoding}
-        while running:
-            done, running = wait(running, timeout=STALL_SECONDS, return_when=FIRST_COMPLETED)
-            if not done:
-                break
-        decoded = [work for work in works if work.decoded()]
-        for work in decoded:
-            self._conclude_decode(work)
-        return decoded, [work for work in works if not work.decoded()]
-
-    def _route(self, work: JobWork) -> None:
-        """Read the job's headers and pick each image's model; fail the job if nothing can run."""
-        started = time.perf_counter()
-        root = self.config.storage.path
-        instances = self.services.queue.instances_for(work.job.id)
-        work.images = route_files(
-            self.config, [(work.job.id, root / i.path, i.calling_ae_title) for i in instances]
-        )
-        try:
-            for image in work.images:
-                if image.decision.model is not None:
-                    self.registry.package(image.decision.model)
-        except (ModelUnavailableError, ConfigurationError) as exc:  # missing or invalid package
-            work.error, work.permanent = str(exc), True
-            return
-        unreadable = sorted(
-            {i.error for i in work.images if i.error and i.error.startswith(HEADER_UNREADABLE)}
-        )
-        if unreadable and all(i.decision.model is None for i in work.images):
-            count = sum(1 for i in work.images if (i.error or "").startswith(HEADER_UNREADABLE))
-            work.error = f"{'; '.join(unreadable)} ({count} of {len(work.images)} images; no model could run)"
-            work.permanent = True
-        work.timings["route"] = time.perf_counter() - started
-
-    def _conclude_decode(self, work: JobWork) -> None:
-        """Once a job's decodes ended: its decode time, and failure when no image decoded."""
-        if "decode" in work.timings:
-            work.timings["decode"] = time.perf_counter() - work.timings["decode"]
-        routed = [i for i in work.images if i.decision.model is not None]
-        if work.error is None and routed and all(i.array is None for i in routed):
-            work.error = "no image could be decoded: " + "; ".join(sorted({i.error or "?" for i in routed}))
-            work.permanent = True
-
-    def _predict(self, works: list[JobWork]) -> None:
-        """Run the models (and heat maps) over all jobs' images at once; on failure, job by job."""
-        images = [image for work in works for image in work.images]
-        try:
-            started = time.perf_counter()
-            predict(images, self.registry, keep_features=True)
-            model_seconds = time.perf_counter() - started
-            for name in sorted({i.decision.model for i in images if i.decision.model is not None}):
-                metrics.model_inference(name, self.registry.package(name).card.version, model_seconds)
-            compute_heatmaps(images, self.registry)
-            for image in images:
-                image.features = None  # the heat maps are made; free the activations
-            for work in works:
-                work.batch_size = len(works)
-                work.timings["model"] = model_seconds
-                work.timings["heatmap"] = time.perf_counter() - started - model_seconds
-            return
-        except Exception as exc:  # isolate: run job by job so one bad input fails only its job
-            logger.warning(
-                "model pass over %d jobs failed (%s); retrying job by job", len(works), type(exc).__name__
-            )
-            if len(works) == 1:
-                works[0].error = f"model failed: {type(exc).__name__}: {exc}"
-                return
-        for work in works:
-            try:
-                predict(work.images, self.registry, keep_features=True)
-                compute_heatmaps(work.images, self.registry)
-            except Exception as exc:
-                work.error = f"model failed: {type(exc).__name__}: {exc}"
 
     def _report(self, works: Sequence[JobWork], token: int) -> None:
         """The reporter's stage: results built, flushed and committed under a fresh deadline."""
