@@ -50,6 +50,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def as_utc(value: datetime) -> datetime:
+    """``value`` with UTC attached when it came back naive (an aggregate of a timestamp column)."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
 class UTCDateTime(TypeDecorator[datetime]):
     """A timestamp stored in UTC that always comes back timezone-aware (SQLite drops the zone)."""
 

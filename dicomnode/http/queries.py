@@ -18,14 +18,10 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.db import DeliveryState, Instance, Job, JobState, Outbox, Result, Study
+from dicomnode.db import DeliveryState, Instance, Job, JobState, Outbox, Result, Study, as_utc
 from dicomnode.node.inventory import study_entry, study_state
 
 MAX_PAGE = 500
-
-
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
 
 
 def _study_objects(session: Session, studies: list[Study], root: Path) -> list[dict[str, Any]]:
@@ -126,8 +122,8 @@ def study_detail(
     for job in item["jobs"]:
         created, started, finished = timings[job["id"]]
         job["started_at"] = started.isoformat() if started else None
-        job["wait_seconds"] = (_aware(started) - _aware(created)).total_seconds() if started else None
-        job["duration_seconds"] = (_aware(finished) - _aware(created)).total_seconds() if finished else None
+        job["wait_seconds"] = (as_utc(started) - as_utc(created)).total_seconds() if started else None
+        job["duration_seconds"] = (as_utc(finished) - as_utc(created)).total_seconds() if finished else None
     item["results"] = [
         {
             "job_id": r.job_id,
@@ -186,10 +182,10 @@ def overview(sessions: sessionmaker[Session], *, now: datetime | None = None) ->
             session.scalars(select(Study).order_by(Study.last_received_at.desc(), Study.id.desc()).limit(20))
         )
         recent_states = _recent_states(session, recent)
-    latencies = sorted((_aware(f) - _aware(c)).total_seconds() for c, f in finished if f is not None)
+    latencies = sorted((as_utc(f) - as_utc(c)).total_seconds() for c, f in finished if f is not None)
     return {
         "jobs": jobs,
-        "oldest_queued_job_age_seconds": (now - _aware(oldest)).total_seconds() if oldest else 0.0,
+        "oldest_queued_job_age_seconds": (now - as_utc(oldest)).total_seconds() if oldest else 0.0,
         "last_hour": {
             "jobs_done": len(latencies),
             "jobs_per_minute": len(latencies) / 60.0,
@@ -247,5 +243,5 @@ def job_gauges(sessions: sessionmaker[Session], *, now: datetime | None = None) 
     return {
         "jobs": jobs,
         "deliveries": deliveries,
-        "oldest_queued_job_age_seconds": (now - _aware(oldest)).total_seconds() if oldest else 0.0,
+        "oldest_queued_job_age_seconds": (now - as_utc(oldest)).total_seconds() if oldest else 0.0,
     }

@@ -21,7 +21,7 @@ from sqlalchemy import func, select
 
 from dicomnode import audit
 from dicomnode.config import Config
-from dicomnode.db import DeliveryState, Instance, Outbox, Study
+from dicomnode.db import DeliveryState, Instance, Outbox, Study, as_utc
 from dicomnode.http.queries import study_states
 from dicomnode.node.services import Services
 from dicomnode.queue.purge import delete_study
@@ -49,10 +49,6 @@ class Candidate:
     reason: str
 
 
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
-
-
 def candidates(
     services: Services, *, now: datetime | None = None, usage: DiskUsage = disk_usage
 ) -> list[Candidate]:
@@ -78,7 +74,7 @@ def candidates(
             .order_by(Study.last_received_at, Study.id)
         ).all()
     finished = [
-        (study_id, uid, _aware(last), int(count), int(size))
+        (study_id, uid, as_utc(last), int(count), int(size))
         for study_id, uid, last, count, size in rows
         if states.get(study_id) in FINISHED_STATES and uid not in dead
     ]

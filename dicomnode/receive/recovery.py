@@ -19,12 +19,12 @@ import logging
 import mmap
 import os
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import delete, func, select
 
-from dicomnode.db import Instance
+from dicomnode.db import Instance, as_utc
 from dicomnode.errors import InvalidDatasetError
 from dicomnode.fsio import FilesystemSync
 from dicomnode.queue.jobs import InstanceConflictError, InstanceRecord, JobQueue
@@ -111,7 +111,7 @@ def drop_unflushed_instances(queue: JobQueue, storage_root: Path, window_seconds
         newest = session.scalar(select(func.max(Instance.received_at)))
         if newest is None:
             return 0
-        since = _aware(newest) - timedelta(seconds=window_seconds)
+        since = as_utc(newest) - timedelta(seconds=window_seconds)
         rows = session.execute(
             select(Instance.id, Instance.path, Instance.size_bytes).where(
                 Instance.received_at >= since, Instance.job_id.is_(None)
@@ -262,7 +262,3 @@ def _remove_temporaries_in(folder: Path, changed_since: float | None) -> int:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
     return len(stale)
-
-
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
