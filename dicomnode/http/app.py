@@ -2,17 +2,13 @@
 
 Starlette, with sync endpoints (they run in its thread pool, so a slow database read never stalls
 the event loop). Everything is read-only except ``POST /api/retry/{target}``, which needs the
-bearer token in the ``Authorization`` header: a header, never a cookie, so another site cannot
-make a browser send it (CSRF). With ``http.token_file`` set, every path but ``/healthz`` needs the
-token, as ``Bearer`` or as the password of HTTP Basic (what a browser can send for pages). URLs
-carry UIDs only; patient name and ID appear only in the study page's HTML.
+bearer token; the token, its check on every path and the security headers are in
+:mod:`dicomnode.http.access`. URLs carry UIDs only; patient name and ID appear only in the study
+page's HTML.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hmac
 import logging
 import socket
 import threading
@@ -25,18 +21,17 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.applications import Starlette
-from starlette.datastructures import MutableHeaders
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dicomnode.config import Config
 from dicomnode.errors import ConfigurationError
 from dicomnode.http import images, queries
+from dicomnode.http.access import Guard, presented_token, read_token, token_valid
 from dicomnode.http.metrics_view import render_metrics
 from dicomnode.http.stow import stow_routes
 from dicomnode.node.process import read_runtime_state
@@ -45,17 +40,6 @@ logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 REFRESH_SECONDS = 10
-SECURITY_HEADERS = {
-    "Content-Security-Policy": (
-        "default-src 'none'; img-src 'self'; style-src 'self'; script-src 'self'; connect-src 'self'; "
-        "form-action 'none'; frame-ancestors 'none'; base-uri 'none'"
-    ),
-    "X-Content-Type-Options": "nosniff",
-    "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
-    "Cross-Origin-Opener-Policy": "same-origin",
-    "Cache-Control": "no-store",
-}
 LISTENER_CHECK_SECONDS = 5.0  # a load balancer polling /healthz opens at most one connection per 5 s
 # /api/status and /metrics are computed at most once a second, however often they are polled: a
 # client polling at 10 Hz then costs the node's CPUs (shared with reception) almost nothing.
@@ -78,77 +62,6 @@ class Cached:
             if now - self._at >= self.ttl:
                 self._value, self._at = self.compute(), now
             return self._value
-
-
-def read_token(path: Path | None) -> str | None:
-    """The bearer token from ``http.token_file`` (None when not configured)."""
-    if path is None:
-        return None
-    try:
-        token = path.read_text(encoding="utf-8").strip()
-    except OSError as exc:
-        raise ConfigurationError("http.token_file", f"cannot read {path}: {exc.strerror or exc}") from exc
-    if len(token) < 16:
-        raise ConfigurationError("http.token_file", f"{path} must hold a token of at least 16 characters")
-    return token
-
-
-def presented_token(request: Request, *, allow_basic: bool) -> str | None:
-    """The token in the Authorization header: ``Bearer T`` or (pages only) Basic with password T."""
-    header = request.headers.get("authorization", "")
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() == "bearer":
-        return value.strip()
-    if allow_basic and scheme.lower() == "basic":
-        try:
-            return base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")[2]
-        except (binascii.Error, UnicodeDecodeError):
-            return None
-    return None
-
-
-def _valid(token: str | None, expected: str | None) -> bool:
-    return token is not None and expected is not None and hmac.compare_digest(token, expected)
-
-
-class Guard:
-    """Token check (when configured) and the security headers on every response.
-
-    A plain ASGI middleware: Starlette's BaseHTTPMiddleware costs a task group and a stream per
-    request, which a client polling at 10 Hz would take from reception's CPUs.
-    """
-
-    def __init__(self, app: ASGIApp, token: str | None) -> None:
-        self.app = app
-        self.token = token
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                for name, value in SECURITY_HEADERS.items():
-                    if name not in headers:
-                        headers[name] = value
-            await send(message)
-
-        request = Request(scope)
-        needs_token = self.token is not None and scope["path"] != "/healthz"
-        if needs_token and not _valid(
-            presented_token(request, allow_basic=request.method == "GET"), self.token
-        ):
-            logger.info("HTTP %s %s refused: no valid token", request.method, scope["path"])
-            refusal = JSONResponse(
-                {"error": "a bearer token is required (http.token_file)"},
-                status_code=401,
-                headers={"WWW-Authenticate": 'Bearer realm="dicomnode", Basic realm="dicomnode"'},
-            )
-            await refusal(scope, receive, with_headers)
-            return
-        await self.app(scope, receive, with_headers)
 
 
 class Node:
@@ -241,7 +154,7 @@ def create_app(config: Config, sessions: sessionmaker[Session], *, check_listene
     def api_retry(request: Request) -> Response:
         if node.token is None:
             return JSONResponse({"error": "retrying needs http.token_file to be configured"}, status_code=403)
-        if not _valid(presented_token(request, allow_basic=False), node.token):
+        if not token_valid(presented_token(request, allow_basic=False), node.token):
             return JSONResponse({"error": "a bearer token is required"}, status_code=401)
         from dicomnode.node.inventory import retry
         from dicomnode.node.services import Services
