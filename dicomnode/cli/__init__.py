@@ -48,9 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default=argparse.SUPPRESS, choices=["DEBUG", "INFO", "WARNING", "ERROR"]
     )
 
-    from dicomnode.cli import compare, lifecycle, models, node, ood
+    from dicomnode.cli import admin, compare, lifecycle, models, node, ood
 
     node.add_commands(sub, common)
+    admin.add_commands(sub, common)
     models.add_commands(sub, common)
     lifecycle.add_commands(sub, common)
     ood.add_commands(sub, common)

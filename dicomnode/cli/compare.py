@@ -13,7 +13,7 @@ from dicomnode.config import Config
 
 
 def cmd_compare(config: Config, args: argparse.Namespace) -> int:
-    from dicomnode.cli.node import _existing_database
+    from dicomnode.cli.admin import existing_database
     from dicomnode.lifecycle.evaluation.compare import (
         ModelRef,
         compare,
@@ -26,7 +26,7 @@ def cmd_compare(config: Config, args: argparse.Namespace) -> int:
     model_a, model_b = ModelRef.parse(args.model_a), ModelRef.parse(args.model_b)
     since = datetime.now(UTC) - parse_since(args.since)
     labels = load_labels(Path(args.labels)) if args.labels else None  # a CSV mistake before the query
-    with _existing_database(config) as services:
+    with existing_database(config) as services:
         pairs = paired_results(services.sessions, model_a, model_b, since)
     result = compare(pairs, str(model_a), str(model_b), args.since, labels, args.labels)
     if args.json:
