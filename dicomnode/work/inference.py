@@ -1,13 +1,13 @@
 """Routing + preprocessing + model, shared by the worker and ``dicomnode infer``.
 
 Torch is imported only when a model is actually loaded (through ``dicomnode.models.runner``), so the
-listener and the reporting code never pull it in.
+listener and the reporting code never pull it in. Which models a process has loaded, and loading
+them, is :mod:`dicomnode.work.registry`.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -19,7 +19,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from dicomnode.config import Config
-from dicomnode.errors import DecodeTimeoutError, InvalidDatasetError, ModelUnavailableError
+from dicomnode.errors import DecodeTimeoutError, InvalidDatasetError
 from dicomnode.findings import (
     ImageFindings,
     LabelFinding,
@@ -29,100 +29,19 @@ from dicomnode.findings import (
     study_level,
 )
 from dicomnode.imaging.frames import read_header
-from dicomnode.models import install_hint
 from dicomnode.sandbox import DecodePool
 from dicomnode.work.intended import IntendedUse, check_image_intended_use
+
+# the model registry, importable from here as before the split
+from dicomnode.work.registry import ModelRegistry as ModelRegistry
+from dicomnode.work.registry import model_cpu_threads as model_cpu_threads
 from dicomnode.work.routing import RouteDecision, route_image
 
 if TYPE_CHECKING:
-    from dicomnode.models import ModelPackage
     from dicomnode.models.ood import Gate, OodDecision
     from dicomnode.models.runner import ModelRunner
 
 logger = logging.getLogger(__name__)
-
-
-class ModelRegistry:
-    """Model packages and runners, each loaded once per process and reused."""
-
-    def __init__(
-        self,
-        models_dir: Path,
-        *,
-        device: str = "auto",
-        max_batch_size: int = 16,
-        cpu_threads: int | None = None,
-    ) -> None:
-        self.models_dir = models_dir
-        self.device = None if device == "auto" else device
-        self.max_batch_size = max_batch_size
-        self.cpu_threads = cpu_threads  # torch intra-op threads of CPU runners (None: torch's default)
-        self._packages: dict[str, ModelPackage] = {}
-        self._runners: dict[str, ModelRunner] = {}
-        self._gates: dict[str, Gate | None] = {}
-
-    def package(self, name: str) -> ModelPackage:
-        """The package a route names: a folder of ``models_dir``, or ``NAME@VERSION`` for the
-        package whose card has that name and version (two versions installed side by side, in
-        folders of any name). ModelUnavailableError (naming the install command) when missing."""
-        if name not in self._packages:
-            from dicomnode.models import discover_models, load_model_package
-
-            path = self.models_dir / name
-            if (path / "model.toml").exists():
-                self._packages[name] = load_model_package(path)
-            elif "@" in name:
-                base, _, version = name.partition("@")
-                found = [
-                    p
-                    for p in discover_models(self.models_dir)
-                    if p.card.name == base and p.card.version == version
-                ]
-                if not found:
-                    raise ModelUnavailableError(
-                        f"model {base!r} version {version!r} is not installed in {self.models_dir}"
-                    )
-                self._packages[name] = found[0]
-            else:
-                raise ModelUnavailableError(
-                    f"model {name!r} is not installed in {self.models_dir}; {install_hint(name)}"
-                )
-        return self._packages[name]
-
-    def runner(self, name: str) -> ModelRunner:
-        if name not in self._runners:
-            from dicomnode.models.runner import ModelRunner
-
-            self._runners[name] = ModelRunner(
-                self.package(name),
-                self.device,
-                max_batch_size=self.max_batch_size,
-                cpu_threads=self.cpu_threads,
-            )
-        return self._runners[name]
-
-    def gate(self, name: str) -> Gate | None:
-        """The model's out-of-distribution gate (None when its card has no ``[ood]``), loaded once."""
-        if name not in self._gates:
-            from dicomnode.models.ood import load_gate
-
-            self._gates[name] = load_gate(self.package(name))
-        return self._gates[name]
-
-
-def model_cpu_threads() -> int:
-    """Torch threads for a model on the CPU: one core fewer than this process may use.
-
-    The reporter thread (building the previous batch's results), the decode processes and the
-    listener run beside the model; a model with as many threads as cores then loses far more to
-    oversubscription (its threads wait for each other at every operator) than the one core gives
-    (measured on 2 cores: 5.3-6.2 against 3.9-4.2 studies/s), and reception slows down.
-    """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return max(1, cores - 1)
 
 
 @dataclass
