@@ -12,8 +12,9 @@ import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 
+from dicomnode.config import Config
 from dicomnode.db import Instance, Job, JobPriority, JobState, make_engine, make_sessionmaker, utcnow
-from dicomnode.node.services import Services
+from dicomnode.node.services import Services, open_services
 from dicomnode.queue.jobs import ClaimedJob, InstanceRecord, JobQueue, LeaseLostError
 from dicomnode.receive.recovery import drop_unflushed_instances
 
@@ -412,3 +413,44 @@ def test_rows_whose_file_never_reached_disk_are_forgotten_at_start(services: Ser
         left = session.scalars(select(Instance.sop_instance_uid)).all()
     assert left == [kept.sop_instance_uid]
     assert (root / kept.path).exists() and not (root / short.path).exists()  # a resend writes it afresh
+
+
+def test_sqlite_indexes_through_its_driver_exactly_what_the_core_statements_write(config: Config) -> None:
+    """The embedded default records instances with SQL on SQLite's own cursor (a third of the cost);
+    its rows must be those of the Core statements every other backend runs, value for value, with
+    timestamps in SQLAlchemy's format, so every reader sees one kind of row."""
+    sqlite_services = open_services(config, upgrade=True)
+    try:
+        queue = sqlite_services.queue
+        assert queue._sqlite_engine is not None  # the fast path is the one SQLite takes
+        fast, core = generate_uid(), generate_uid()
+        first = replace(
+            record(fast), patient_id="P1", study_date="20260101", modality="CT", calling_ae_title="CT1"
+        )
+        second = replace(
+            record(core), patient_id="P1", study_date="20260101", modality="CT", calling_ae_title="CT1"
+        )
+        assert queue.record_instance(first) is True
+        assert queue._insert_instance_core(second) is True
+        assert queue.record_instance(first) is False  # a resend, through the fast path
+        with sqlite_services.engine.connect() as connection:
+            studies = connection.exec_driver_sql(
+                "SELECT study_instance_uid, patient_id, study_date, first_received_at, last_received_at"
+                " FROM studies ORDER BY id"
+            ).all()
+            instances = connection.exec_driver_sql(
+                "SELECT sop_class_uid, series_instance_uid, transfer_syntax_uid, modality, size_bytes,"
+                " calling_ae_title, typeof(received_at), length(received_at), typeof(study_id)"
+                " FROM instances ORDER BY id"
+            ).all()
+        assert [row[0] for row in studies] == [fast, core]
+        assert [row[1:3] for row in studies] == [("P1", "20260101")] * 2
+        shapes = {(type(value), len(value)) for row in studies for value in row[3:]}
+        assert shapes == {(str, len("2026-12-02 17:32:32.768493"))}
+        assert instances[0] == instances[1]
+        with sqlite_services.sessions() as session:
+            received = session.scalars(select(Instance.received_at)).all()
+        assert all(value.tzinfo is not None for value in received)
+        assert abs(received[1] - received[0]) < timedelta(minutes=1)
+    finally:
+        sqlite_services.close()
