@@ -380,3 +380,28 @@ def test_the_header_fallback_parses_a_bounded_head_not_a_whole_huge_part(
     except Exception:
         return  # the cut head cannot be parsed: refused by the caller
     assert "SOPInstanceUID" not in parsed
+
+
+def test_a_header_prefix_cut_inside_the_last_uid_is_never_taken_for_the_header(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The header parse copies only a prefix; one that ends inside Series Instance UID (or anywhere
+    before the element after it) is not trusted, and the data set is parsed further instead."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from dicomnode.receive import header as header_module
+
+    ds = ct_like(generate_uid(), "1.2.826.0.1.3680043.8.498.1234567890123456789012345678901234", 0)
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_dataset(fp, ds)
+    data = fp.getvalue()
+    cut = data.index(b"1.2.826.0.1.3680043.8.498.1234567890") + 20  # inside the value
+    fragments = [memoryview(data[:cut]), memoryview(data[cut:])]
+    for prefix in (cut - 30, cut, cut + 10, len(data) // 2):
+        monkeypatch.setattr(header_module, "_HEADER_PREFIX", prefix)
+        parsed = header_module.read_header(fragments, len(data), ExplicitVRLittleEndian)
+        assert parsed.SeriesInstanceUID == ds.SeriesInstanceUID
+        assert parsed.SOPInstanceUID == ds.SOPInstanceUID

@@ -28,7 +28,7 @@ HEADER_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesI
 # The header parse stops after Series Instance UID: every attribute the index needs comes before it.
 _LAST_HEADER_TAG = 0x0020000E
 _INFLATE_LIMIT = 4 * 1024 * 1024  # inflated bytes enough for the header of a deflated data set
-_HEADER_PREFIX = 256 * 1024  # bytes joined for the header parse before trying the whole data set
+_HEADER_PREFIX = 64 * 1024  # bytes copied for the header parse before trying more of the data set
 _HEADER_FALLBACK_LIMIT = 64 * 1024 * 1024  # bytes parsed at most when the prefix was not enough
 _INFLATE_CHUNK = 1024 * 1024
 # Explicit VR elements whose length field is 4 bytes (PS3.5 7.1.2); the others have 2.
@@ -40,43 +40,49 @@ _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _MAX_DEPTH = 64  # nesting of sequences a complete file may have before it is judged malformed
 
 
-def _stop_after_header(tag: BaseTag, vr: str | None, length: int) -> bool:
-    return bool(tag > _LAST_HEADER_TAG)
-
-
 def read_header(fragments: list[memoryview], size: int, transfer_syntax_uid: str) -> Dataset:
     """Parse the data set's leading attributes, up to Series Instance UID, in its transfer syntax.
 
-    Only the first fragments are joined for it (the identifying attributes come first); when they
-    were not enough, up to ``_HEADER_FALLBACK_LIMIT`` bytes are (never a copy of a whole multi-GB
-    part). An empty or garbage data set parses "successfully" into something without UIDs, which
-    the caller then refuses. Pixel data is never read.
+    Only the first ``_HEADER_PREFIX`` bytes are copied for it (the identifying attributes come
+    first; a 512 KiB CT image used to be copied whole, twice); when the parse did not reach an
+    element after Series Instance UID there, up to ``_HEADER_FALLBACK_LIMIT`` bytes are (never a
+    copy of a whole multi-GB part). An empty or garbage data set parses "successfully" into
+    something without UIDs, which the caller then refuses. Pixel data is never read.
     """
-    prefix = bytearray()
-    for fragment in fragments:
-        prefix += fragment
-        if len(prefix) >= _HEADER_PREFIX:
-            break
+    prefix = _head(fragments, _HEADER_PREFIX)
     if len(prefix) == size:
-        return parse_header(bytes(prefix), transfer_syntax_uid)
+        return parse_header(prefix, transfer_syntax_uid)
     try:
-        header = parse_header(bytes(prefix), transfer_syntax_uid)
-        if all(keyword in header for keyword in HEADER_KEYWORDS):
+        header, reached_the_end = _parse_header(prefix, transfer_syntax_uid)
+        if reached_the_end:  # an element after Series Instance UID began: every one before is whole
             return header
-    except Exception:  # the prefix ended inside an element: parse the whole data set below
+    except Exception:  # the prefix ended inside an element: parse more below
         pass
     if size <= _HEADER_FALLBACK_LIMIT:
         return parse_header(b"".join(fragments), transfer_syntax_uid)
-    head = bytearray()
+    return parse_header(_head(fragments, _HEADER_FALLBACK_LIMIT), transfer_syntax_uid)  # no UIDs: refused
+
+
+def _head(fragments: list[memoryview], limit: int) -> bytes:
+    """The first ``limit`` bytes of the fragments, in one copy."""
+    pieces: list[memoryview] = []
+    room = limit
     for fragment in fragments:
-        head += fragment[: _HEADER_FALLBACK_LIMIT - len(head)]
-        if len(head) >= _HEADER_FALLBACK_LIMIT:
+        piece = fragment[:room]
+        pieces.append(piece)
+        room -= piece.nbytes
+        if room <= 0:
             break
-    return parse_header(bytes(head), transfer_syntax_uid)  # still no UIDs: the caller refuses it
+    return b"".join(pieces)
 
 
 def parse_header(data: bytes, transfer_syntax_uid: str) -> Dataset:
     """The leading attributes of one encoded data set (deflated ones are inflated only that far)."""
+    return _parse_header(data, transfer_syntax_uid)[0]
+
+
+def _parse_header(data: bytes, transfer_syntax_uid: str) -> tuple[Dataset, bool]:
+    """:func:`parse_header`, and whether it stopped at an element after Series Instance UID."""
     if transfer_syntax_uid == DeflatedExplicitVRLittleEndian:
         data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(data, _INFLATE_LIMIT)
     implicit = transfer_syntax_uid == ImplicitVRLittleEndian
@@ -84,7 +90,15 @@ def parse_header(data: bytes, transfer_syntax_uid: str) -> Dataset:
     fp = DicomBytesIO(data)
     fp.is_little_endian = little
     fp.is_implicit_VR = implicit
-    return read_dataset(cast(BinaryIO, fp), implicit, little, stop_when=_stop_after_header)
+    stopped = False
+
+    def stop_after_header(tag: BaseTag, vr: str | None, length: int) -> bool:
+        nonlocal stopped
+        stopped = bool(tag > _LAST_HEADER_TAG)
+        return stopped
+
+    header = read_dataset(cast(BinaryIO, fp), implicit, little, stop_when=stop_after_header)
+    return header, stopped
 
 
 def header_text(header: Dataset, keyword: str, limit: int) -> str | None:
