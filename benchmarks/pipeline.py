@@ -96,8 +96,9 @@ def main() -> None:
             for name, seconds in self.pattern.findall(record.getMessage()):
                 stages[name].append(float(seconds))
 
-    logging.getLogger("dicomnode.work.pipeline").addHandler(StageCollector())
-    logging.getLogger("dicomnode.work.pipeline").setLevel(logging.INFO)
+    # the one line per job with the stage timings comes from the reporter stage (work/results.py)
+    logging.getLogger("dicomnode.work.results").addHandler(StageCollector())
+    logging.getLogger("dicomnode.work.results").setLevel(logging.INFO)
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
