@@ -12,7 +12,7 @@ import ctypes
 import errno
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +41,10 @@ class FilesystemSync:
     associations storing at once, one flush serves up to N instances.
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, syncer: Callable[[int], None] | None = None) -> None:
         self._directory = directory
         self._fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        self._syncer = syncer or _syncfs_fd  # injectable: tests hold and fail flushes where they need
         self._cond = threading.Condition()
         self._requested = 0
         self._done = 0
@@ -57,6 +58,8 @@ class FilesystemSync:
                 self._fd = -1
 
     def sync(self) -> None:
+        """Return once every write made before the call is durable (a flush that began after it
+        succeeded); OSError when the flush that was to cover it failed."""
         with self._cond:
             self._requested += 1
             ticket = self._requested
@@ -72,11 +75,7 @@ class FilesystemSync:
                 self._cond.wait()
         ok = False
         try:
-            if _syncfs is None:
-                os.sync()  # no syncfs on this platform: flush everything
-            elif _syncfs(self._fd) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, os.strerror(err))
+            self._syncer(self._fd)
             ok = True
         finally:
             with self._cond:
@@ -86,6 +85,15 @@ class FilesystemSync:
                 else:
                     self._failed_upto = max(self._failed_upto, target)
                 self._cond.notify_all()
+
+
+def _syncfs_fd(fd: int) -> None:
+    """``syncfs`` of the filesystem holding ``fd`` (``sync`` where there is no syncfs); OSError on failure."""
+    if _syncfs is None:
+        os.sync()  # no syncfs on this platform: flush everything
+    elif _syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def sync_filesystem(directory: Path) -> None:
