@@ -405,3 +405,72 @@ def test_a_header_prefix_cut_inside_the_last_uid_is_never_taken_for_the_header(
         parsed = header_module.read_header(fragments, len(data), ExplicitVRLittleEndian)
         assert parsed.SeriesInstanceUID == ds.SeriesInstanceUID
         assert parsed.SOPInstanceUID == ds.SOPInstanceUID
+
+
+@pytest.mark.parametrize(
+    "transfer_syntax_uid",
+    ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"],
+    ids=["explicit-le", "implicit-le", "explicit-be", "deflated"],
+)
+def test_identifying_values_read_from_the_raw_elements_equal_pydicoms(transfer_syntax_uid: str) -> None:
+    """UIDs, Study Date and Modality are read from the elements' bytes (default repertoire), Patient
+    ID through pydicom in the Specific Character Set; both give what pydicom reads from the file."""
+    import zlib
+
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    from dicomnode.receive.header import header_ascii, header_ascii_text, header_text, read_header
+
+    ds = ct_like(generate_uid(), generate_uid(), 0)
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.PatientID = "ÄÖ-0001"
+    ds.SeriesInstanceUID = "1.2.3.45"  # odd length: NUL-padded on the wire
+    del ds.AccessionNumber
+    fp = DicomBytesIO()
+    fp.is_little_endian = transfer_syntax_uid != "1.2.840.10008.1.2.2"
+    fp.is_implicit_VR = transfer_syntax_uid == "1.2.840.10008.1.2"
+    write_dataset(fp, ds)
+    data = fp.getvalue()
+    if transfer_syntax_uid.endswith(".99"):
+        deflater = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+        data = deflater.compress(data) + deflater.flush()
+    header = read_header([memoryview(data)], len(data), transfer_syntax_uid)
+    for keyword in ("SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality"):
+        assert header_ascii(header, keyword) == str(ds[keyword].value)
+    assert header_ascii_text(header, "StudyDate", 8) == ds.StudyDate
+    assert header_text(header, "PatientID", 64) == "ÄÖ-0001"
+    assert header_ascii(header, "AccessionNumber") is None  # absent
+
+
+def test_a_uid_with_a_byte_outside_ascii_is_refused_not_cleaned(services: Services) -> None:
+    """A UID is never repaired: a Latin-1 byte in the data set's SOP Instance UID refuses the
+    instance with 0xC001 (as the UID check always did), nothing stored."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    from dicomnode.receive.ingest import StoreRefused, record_from
+
+    ds = ct_like(generate_uid(), generate_uid(), 0)
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_dataset(fp, ds)  # the data set alone, as a C-STORE carries it
+    uid = str(ds.SOPInstanceUID).encode()
+    data = fp.getvalue().replace(uid, uid[:-1] + b"\xe9", 1)
+    store = services.store()
+    try:
+        with pytest.raises(StoreRefused) as refused:
+            record_from(
+                store,
+                [memoryview(data)],
+                len(data),
+                "1.2.840.10008.1.2.1",
+                claimed_sop_class_uid=str(ds.SOPClassUID),
+                claimed_sop_instance_uid=str(ds.SOPInstanceUID),
+                claimed_by="the C-STORE request",
+                calling_ae_title="MODALITY",
+            )
+        assert refused.value.status == Status.CANNOT_UNDERSTAND_MISSING_UID
+        assert spool_files(services.config.storage.path) == []
+    finally:
+        store.close()

@@ -14,6 +14,7 @@ import struct
 import zlib
 from typing import BinaryIO, cast
 
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
@@ -94,7 +95,7 @@ def _parse_header(data: bytes, transfer_syntax_uid: str) -> tuple[Dataset, bool]
 
     def stop_after_header(tag: BaseTag, vr: str | None, length: int) -> bool:
         nonlocal stopped
-        stopped = bool(tag > _LAST_HEADER_TAG)
+        stopped = int(tag) > _LAST_HEADER_TAG  # a plain int comparison: BaseTag.__gt__ builds a Tag
         return stopped
 
     header = read_dataset(cast(BinaryIO, fp), implicit, little, stop_when=stop_after_header)
@@ -102,7 +103,8 @@ def _parse_header(data: bytes, transfer_syntax_uid: str) -> tuple[Dataset, bool]
 
 
 def header_text(header: Dataset, keyword: str, limit: int) -> str | None:
-    """An attribute as text cut to ``limit`` characters, or None when absent, empty or malformed."""
+    """An attribute as text cut to ``limit`` characters, or None when absent, empty or malformed
+    (decoded by pydicom, in the data set's Specific Character Set: for person and ID values)."""
     try:
         value = header.get(keyword)
     except Exception:  # a malformed element must not refuse the whole instance
@@ -110,6 +112,31 @@ def header_text(header: Dataset, keyword: str, limit: int) -> str | None:
     if value is None:
         return None
     text = str(value).strip()
+    return text[:limit] or None
+
+
+def header_ascii(header: Dataset, keyword: str) -> str | None:
+    """A UI, DA or CS attribute's value as sent, or None when absent.
+
+    These VRs use the default character repertoire only (PS3.5 6.1.2), so the bytes are the text:
+    read straight from the raw element, without pydicom's value conversion and validation, which
+    cost about 12 us per attribute on every C-STORE. Trailing padding (space or NUL) is removed; a
+    byte outside ASCII stays visible (as Latin-1), so a UID holding one is refused as invalid.
+    """
+    tag = tag_for_keyword(keyword)
+    if tag is None or tag not in header:
+        return None
+    value = header.get_item(tag).value
+    if isinstance(value, bytes | bytearray):
+        return bytes(value).decode("latin-1").strip(" \x00")
+    return None if value is None else str(value).strip(" \x00")
+
+
+def header_ascii_text(header: Dataset, keyword: str, limit: int) -> str | None:
+    """:func:`header_ascii` cut to ``limit`` characters; None when absent or empty."""
+    text = header_ascii(header, keyword)
+    if text is None:
+        return None
     return text[:limit] or None
 
 

@@ -14,7 +14,14 @@ import logging
 
 from dicomnode.errors import DicomNodeError, InvalidDatasetError, StorageFullError
 from dicomnode.queue.jobs import InstanceConflictError, InstanceRecord, JobQueue
-from dicomnode.receive.header import PREAMBLE, file_meta_information, header_text, read_header
+from dicomnode.receive.header import (
+    PREAMBLE,
+    file_meta_information,
+    header_ascii,
+    header_ascii_text,
+    header_text,
+    read_header,
+)
 from dicomnode.receive.spool import InstanceStore, validate_uid
 from dicomnode.status import Status
 
@@ -65,7 +72,7 @@ def record_from(
     """
     try:
         header = read_header(data, data_set_size, transfer_syntax_uid)
-        uids = [validate_uid(header.get(keyword), keyword) for keyword in _UID_KEYWORDS]
+        uids = [validate_uid(header_ascii(header, keyword), keyword) for keyword in _UID_KEYWORDS]
     except InvalidDatasetError as exc:
         raise StoreRefused(Status.CANNOT_UNDERSTAND_MISSING_UID, str(exc)) from exc
     except Exception as exc:  # unreadable bytes of any kind: refuse, keep serving
@@ -98,8 +105,8 @@ def record_from(
         path=store.relative_path(study_instance_uid, series_instance_uid, sop_instance_uid),
         size_bytes=len(PREAMBLE) + len(meta) + data_set_size,  # the file's size
         patient_id=header_text(header, "PatientID", 64),
-        study_date=header_text(header, "StudyDate", 8),
-        modality=header_text(header, "Modality", 16),
+        study_date=header_ascii_text(header, "StudyDate", 8),
+        modality=header_ascii_text(header, "Modality", 16),
         calling_ae_title=calling_ae_title[:16] or None,
     )
     return record, meta

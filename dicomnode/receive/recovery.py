@@ -31,6 +31,8 @@ from dicomnode.queue.jobs import InstanceConflictError, InstanceRecord, JobQueue
 from dicomnode.receive.header import (
     HEADER_KEYWORDS,
     data_set_is_complete,
+    header_ascii,
+    header_ascii_text,
     header_text,
     parse_header,
     read_part10,
@@ -209,7 +211,7 @@ def _orphan_record(path: Path, relative: str) -> tuple[InstanceRecord | None, st
                 if not data_set_is_complete(data, offset, transfer_syntax_uid):
                     return None, "the file is cut short (incomplete write)"
                 header = parse_header(bytes(data[offset : offset + _HEADER_BYTES]), transfer_syntax_uid)
-        uids = [validate_uid(header.get(keyword), keyword) for keyword in HEADER_KEYWORDS]
+        uids = [validate_uid(header_ascii(header, keyword), keyword) for keyword in HEADER_KEYWORDS]
     except InvalidDatasetError as exc:
         return None, str(exc)
     except Exception as exc:  # unreadable in any way: it cannot be indexed
@@ -234,8 +236,8 @@ def _orphan_record(path: Path, relative: str) -> tuple[InstanceRecord | None, st
             path=relative,
             size_bytes=size,
             patient_id=header_text(header, "PatientID", 64),
-            study_date=header_text(header, "StudyDate", 8),
-            modality=header_text(header, "Modality", 16),
+            study_date=header_ascii_text(header, "StudyDate", 8),
+            modality=header_ascii_text(header, "Modality", 16),
             calling_ae_title=source[:16] or None,
         ),
         "",
