@@ -361,3 +361,55 @@ def test_infer_and_explain_say_the_image_would_be_refused(
     assert "would be refused: view LL not in AP/PA" in captured.err and out.is_file()
     assert main([*argv[:4], str(files["003Y PA"]), "--out", str(out)]) == 0
     assert "would be refused" not in capsys.readouterr().err
+
+
+@needs_model
+def test_rules_test_says_whether_each_image_is_within_the_models_intended_use(
+    models: Path, files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`rules test` checks the header against the routed model's card as the worker would (no torch):
+    refused images say so and why, a route's override says it analyses anyway, a missing model is
+    named rather than checked."""
+    routes = 'modality = ["CR"]\nbody_part_examined = ["CHEST"]\n'
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[models]\npath = "{models}"\n\n[[routes]]\nname = "chest"\nmodel = "pneumonia-xception"\n{routes}',
+        encoding="utf-8",
+    )
+    capsys.readouterr()
+    assert (
+        main(["--config", str(config), "rules", "test", "--json", str(files["034Y"]), str(files["003Y PA"])])
+        == 0
+    )
+    adult, child = json.loads(capsys.readouterr().out)
+    assert adult["intended_use"]["refused"] is True
+    assert adult["intended_use"]["outside"] == ["patient age 34 y outside 1-6 y"]
+    assert child["intended_use"] == {
+        "checked": True,
+        "outside": [],
+        "notes": [],
+        "overridden": False,
+        "refused": False,
+    }
+    assert main(["--config", str(config), "rules", "test", str(files["lateral"])]) == 0
+    assert (
+        "intended use: outside — would be refused, no finding (view LL not in AP/PA)"
+        in capsys.readouterr().out
+    )
+
+    config.write_text(
+        f'[models]\npath = "{models}"\n\n[[routes]]\nname = "chest"\nmodel = "pneumonia-xception"\n{routes}'
+        'intended_use = "ignore"\n',
+        encoding="utf-8",
+    )
+    assert main(["--config", str(config), "rules", "test", str(files["034Y"])]) == 0
+    assert 'analysed anyway: route intended_use = "ignore"' in capsys.readouterr().out
+
+    nowhere = tmp_path / "none"
+    config.write_text(
+        f'[models]\npath = "{nowhere}"\n\n[[routes]]\nname = "chest"\nmodel = "pneumonia-xception"\n{routes}',
+        encoding="utf-8",
+    )
+    assert main(["--config", str(config), "rules", "test", "--json", str(files["034Y"])]) == 0
+    (missing,) = json.loads(capsys.readouterr().out)
+    assert missing["intended_use"]["checked"] is False and "install-default" in missing["intended_use"]["why"]

@@ -127,17 +127,29 @@ def cmd_rules_test(config: Config, args: argparse.Namespace) -> int:
     """Show which model each file would get, and why."""
 
     from dicomnode.work.completeness import explain_arrival
+    from dicomnode.work.registry import ModelRegistry
     from dicomnode.work.routing import route_image
 
+    registry = ModelRegistry(config.models.path, device=config.worker.device)  # cards only: no torch
     results: list[dict[str, Any]] = []
     studies: dict[str, list[tuple[int, Any]]] = {}
     for name in args.files:
         header, error = dicom_file_header(name)
         if header is None:
-            results.append({"file": name, "route": None, "model": None, "reason": None, "error": error})
+            results.append(
+                {
+                    "file": name,
+                    "route": None,
+                    "model": None,
+                    "reason": None,
+                    "intended_use": None,
+                    "error": error,
+                }
+            )
             continue
         decision = route_image(config.routes, header, args.calling_ae)
-        results.append({"file": name, **decision.to_dict(), "error": None})
+        intended = _intended_use(config, registry, decision, header)
+        results.append({"file": name, **decision.to_dict(), "intended_use": intended, "error": None})
         studies.setdefault(str(header.get("StudyInstanceUID", "")), []).append((len(results) - 1, header))
     for members in studies.values():  # study completeness: the condition that would start it
         start = explain_arrival(config, [(header, args.calling_ae) for _, header in members]).condition
@@ -151,9 +163,41 @@ def cmd_rules_test(config: Config, args: argparse.Namespace) -> int:
                 print(f"error: {item['error']}", file=sys.stderr)
                 continue
             print(f"{item['file']}: {item['model'] or 'no model'} — {item['reason']}")
+            if item["intended_use"] is not None:
+                print(f"  intended use: {_intended_use_line(item['intended_use'])}")
             if "start" in item:
                 print(f"  start: {item['start']}")
     return EXIT_FAILURE if any(item["error"] for item in results) else EXIT_OK
+
+
+def _intended_use(config: Config, registry: Any, decision: Any, header: Any) -> dict[str, Any] | None:
+    """The header against the routed model's intended population, as the worker checks it before
+    inference (None when no model is routed); a model not installed is said so, not checked."""
+    from dicomnode.errors import ModelUnavailableError
+    from dicomnode.work.intended import check_intended_use
+
+    if decision.model is None:
+        return None
+    try:
+        card = registry.package(decision.model).card
+    except ModelUnavailableError as exc:
+        return {"checked": False, "why": str(exc)}
+    route = next((r for r in config.routes if r.name == decision.route), None)
+    overridden = route is not None and route.intended_use == "ignore"
+    return {"checked": True, **check_intended_use(card.applies_to, header, overridden=overridden).to_dict()}
+
+
+def _intended_use_line(intended: dict[str, Any]) -> str:
+    """One line for ``rules test``: within, refused (why), or analysed anyway by the route's override."""
+    if not intended["checked"]:
+        return f"not checked ({intended['why']})"
+    notes = f"; {'; '.join(intended['notes'])}" if intended["notes"] else ""
+    if intended["refused"]:
+        return f"outside — would be refused, no finding ({'; '.join(intended['outside'])}){notes}"
+    if intended["outside"]:
+        outside = "; ".join(intended["outside"])
+        return f'outside ({outside}), analysed anyway: route intended_use = "ignore"{notes}'
+    return f"within the model's intended population{notes}"
 
 
 def cmd_infer(config: Config, args: argparse.Namespace) -> int:
