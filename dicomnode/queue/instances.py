@@ -34,10 +34,11 @@ _INSERT_STUDY = insert(Study).returning(Study.id)
 _INSERT_INSTANCE = insert(Instance)
 
 
-# The same three statements as SQL for SQLite's own driver, made from the tables' metadata (so they
-# cannot drift from the models): the embedded default indexes each instance in a third of the time
-# SQLAlchemy's execution layer takes around them (0.12 against 0.27-0.34 ms measured here), and
-# holds the in-process write lock that much shorter, which concurrent associations queue on.
+# The same three statements as SQL for SQLite's own driver (table names from the models; a test
+# holds their rows to the Core statements', value for value): the embedded default indexes each
+# instance in a third of the time SQLAlchemy's execution layer takes around them (0.12 against
+# 0.27-0.34 ms measured here), and holds the in-process write lock, which concurrent associations
+# queue on, that much shorter.
 _INSTANCE_COLUMNS = (
     "sop_instance_uid",
     "sop_class_uid",
