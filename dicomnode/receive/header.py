@@ -120,7 +120,7 @@ def header_ascii(header: Dataset, keyword: str) -> str | None:
 
     These VRs use the default character repertoire only (PS3.5 6.1.2), so the bytes are the text:
     read straight from the raw element, without pydicom's value conversion and validation, which
-    cost about 12 us per attribute on every C-STORE. Trailing padding (space or NUL) is removed; a
+    cost about 12 us per attribute on every C-STORE. Padding (space or NUL) at either end is cut; a
     byte outside ASCII stays visible (as Latin-1), so a UID holding one is refused as invalid.
     """
     tag = tag_for_keyword(keyword)
