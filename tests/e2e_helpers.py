@@ -7,13 +7,14 @@ the modality is dcmtk, the PACS is Orthanc (``tests/peers.py``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from io import BytesIO
@@ -391,6 +392,26 @@ class NodeProcess:
 # --- Orthanc look-ups ---------------------------------------------------------------------------------
 
 
+def wait_for_results(orthanc: Any, study_uids: list[str], timeout: float) -> None:
+    """Until Orthanc holds an SR series and a key image (OT) series for every study."""
+    missing = set(study_uids)
+
+    def all_there() -> bool:
+        for uid in sorted(missing):
+            if {"SR", "OT"} <= orthanc_modalities(orthanc, uid):
+                missing.discard(uid)
+        return not missing
+
+    wait_for(all_there, f"SR and key image in Orthanc for {len(study_uids)} studies", timeout, 0.5)
+
+
+def study_entry(node: NodeProcess, study_instance_uid: str) -> dict[str, Any] | None:
+    for study in node.cli_json("studies", "--json"):
+        if study["study_instance_uid"] == study_instance_uid:
+            return dict(study)
+    return None
+
+
 def orthanc_series(orthanc: Any, study_instance_uid: str) -> list[dict[str, Any]]:
     """Orthanc's series of a study (expanded), found by Study Instance UID."""
     body = json.dumps({"Level": "Series", "Query": {"StudyInstanceUID": study_instance_uid}, "Expand": True})
@@ -488,3 +509,37 @@ def write_broken_model(package_dir: Path) -> Path:
         torch.jit.script(Broken()).save(str(package_dir / "model.ts"))
     (package_dir / "model.toml").write_text(BROKEN_CARD.format(name=package_dir.name), encoding="utf-8")
     return package_dir
+
+
+@contextlib.contextmanager
+def served_chest_study(
+    tmp_path: Path, peers: list[Any], models_dir: Path, orthanc: Any, **settings: Any
+) -> Iterator[tuple[NodeProcess, Source]]:
+    """`dicomnode serve` on its own configuration (``settings`` as :func:`write_node_config` takes
+    them, results to ``orthanc``), one chest radiograph sent in by storescu, and its SR and key image
+    awaited in Orthanc; yields the running node and the source. ``before_send`` (a callable taking
+    the started node) runs before the radiograph is sent. On failure the node's log is printed;
+    otherwise the node must stop cleanly."""
+    from corpus import pneumonia_images_dir
+
+    before_send: Callable[[NodeProcess], None] | None = settings.pop("before_send", None)
+    node_dir = tmp_path / "node"
+    node_dir.mkdir()
+    config = write_node_config(
+        node_dir / "config.toml", models_dir=models_dir, stable_after_seconds=0.5, **settings
+    )
+    node = NodeProcess(config)
+    peers.append(node)
+    jpeg = sorted(pneumonia_images_dir().glob("person*.jpeg"))[0]
+    source = wrap_radiograph(jpeg, tmp_path / "chest.dcm", ExplicitVRLittleEndian)
+    try:
+        node.start()
+        if before_send is not None:
+            before_send(node)
+        storescu([source.path], node.port, node.ae_title)
+        wait_for_results(orthanc, [source.study_instance_uid], 120.0)
+        yield node, source
+    except BaseException:
+        print(node.log_tail())
+        raise
+    assert node.stop() == 0

@@ -35,7 +35,9 @@ from e2e_helpers import (
     reference_probabilities,
     send_by_syntax,
     storescu,
+    study_entry,
     wait_for,
+    wait_for_results,
     wrap_radiograph,
     write_broken_model,
     write_node_config,
@@ -102,26 +104,6 @@ def node_log_on_failure(node: NodeProcess) -> Iterator[None]:
         raise AssertionError(
             f"{type(exc).__name__}: {exc}\n--- node log tail ---\n{node.log_tail()}"
         ) from exc
-
-
-def wait_for_results(orthanc: OrthancPeer, study_uids: list[str], timeout: float) -> None:
-    """Until Orthanc holds an SR series and a key image (OT) series for every study."""
-    missing = set(study_uids)
-
-    def all_there() -> bool:
-        for uid in sorted(missing):
-            if {"SR", "OT"} <= orthanc_modalities(orthanc, uid):
-                missing.discard(uid)
-        return not missing
-
-    wait_for(all_there, f"SR and key image in Orthanc for {len(study_uids)} studies", timeout, 0.5)
-
-
-def study_entry(node: NodeProcess, study_instance_uid: str) -> dict[str, Any] | None:
-    for study in node.cli_json("studies", "--json"):
-        if study["study_instance_uid"] == study_instance_uid:
-            return dict(study)
-    return None
 
 
 def read_results(orthanc: OrthancPeer, source: Source, out_dir: Path) -> tuple[Path, list[Path]]:

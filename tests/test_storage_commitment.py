@@ -20,8 +20,11 @@ from typing import Any
 
 import pytest
 from conftest import RunningListener
-from corpus import pneumonia_images_dir
-from e2e_helpers import NodeProcess, storescu, wrap_radiograph, write_node_config
+from e2e_helpers import (
+    NodeProcess,
+    served_chest_study,
+    study_entry,
+)
 from e2e_helpers import wait_for as wait_for_value
 from peers import OrthancPeer, free_port, start_orthanc, start_storescp
 from pydicom import dcmread
@@ -31,8 +34,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate
 from pynetdicom import AE, AllStoragePresentationContexts, build_role, evt
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import select
-from test_e2e import models_dir, wait_for_results  # noqa: F401 - the session's installed default model
-from test_e2e import study_entry as e2e_study_entry
+from test_e2e import models_dir  # noqa: F401 - the session's installed default model
 
 from dicomnode.config import DeliveryConfig, DestinationConfig
 from dicomnode.db import Commitment, CommitmentState, DeliveryState, Job, JobState, Outbox, Study, utcnow
@@ -567,32 +569,24 @@ def test_serve_delivers_to_orthanc_and_its_commitment_report_marks_every_object_
     to the listener, and every delivery row of the study `committed` in `studies --json`."""
     orthanc = start_orthanc(tmp_path / "pacs")
     peers.append(orthanc)
-    node_dir = tmp_path / "node"
-    node_dir.mkdir()
-    config = write_node_config(
-        node_dir / "config.toml",
-        models_dir=models_dir,
-        destination_ae=orthanc.aet,
-        destination_port=orthanc.dicom_port,
-        stable_after_seconds=0.5,
-        storage_commitment=True,
-    )
-    node = NodeProcess(config)
-    peers.append(node)
-    jpeg = sorted(pneumonia_images_dir().glob("person*.jpeg"))[0]
-    source = wrap_radiograph(jpeg, tmp_path / "chest.dcm", ExplicitVRLittleEndian)
-    try:
-        node.start()
-        orthanc.rest(  # where Orthanc sends the report: our listener, known once it has a port
+
+    def report_to_our_listener(node: NodeProcess) -> None:  # known once the node has its port
+        orthanc.rest(
             f"/modalities/{node.ae_title.lower()}",
             "PUT",
             f'{{"AET": "{node.ae_title}", "Host": "127.0.0.1", "Port": {node.port}}}',
         )
-        storescu([source.path], node.port, node.ae_title)
-        wait_for_results(orthanc, [source.study_instance_uid], 120.0)
+
+    settings = {
+        "destination_ae": orthanc.aet,
+        "destination_port": orthanc.dicom_port,
+        "storage_commitment": True,
+        "before_send": report_to_our_listener,
+    }
+    with served_chest_study(tmp_path, peers, models_dir, orthanc, **settings) as (node, source):
 
         def committed() -> list[dict[str, Any]] | None:
-            study = e2e_study_entry(node, source.study_instance_uid)
+            study = study_entry(node, source.study_instance_uid)
             rows = study["deliveries"] if study else []
             return rows if rows and all(r["state"] == "committed" for r in rows) else None
 
@@ -601,10 +595,6 @@ def test_serve_delivers_to_orthanc_and_its_commitment_report_marks_every_object_
         assert all(r["commitment_id"] for r in rows)
         status = node.cli_json("status", "--json")
         assert status["deliveries"].get("committed") == len(rows)
-    except BaseException:
-        print(node.log_tail())
-        raise
-    assert node.stop() == 0
 
 
 def test_retention_keeps_a_study_whose_commitment_is_awaited(services: Services) -> None:

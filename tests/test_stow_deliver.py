@@ -24,15 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from corpus import pneumonia_images_dir
-from e2e_helpers import NodeProcess, storescu, wait_for, wrap_radiograph, write_node_config
+from e2e_helpers import served_chest_study, study_entry, wait_for
 from peers import free_port, start_orthanc
 from pydicom import dcmread
 from pydicom.filereader import read_file_meta_info
 from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy.orm import Session, sessionmaker
-from test_e2e import models_dir, study_entry, wait_for_results  # noqa: F401 - the session's installed default model
+from test_e2e import models_dir  # noqa: F401 - the session's installed default model
 from test_sender import add_result, later, make_sender, outbox
 from test_stow_policy import stow_json, stow_xml
 from test_tls import pki  # noqa: F401 - the module's test CA, server and client certificates
@@ -379,24 +377,8 @@ def test_serve_delivers_sr_and_key_image_by_stow_rs(
     """A radiograph in by C-STORE; its SR and key image out by STOW-RS; every delivery row delivered."""
     orthanc = start_orthanc(tmp_path / "pacs", dicomweb=True)
     peers.append(orthanc)
-    node_dir = tmp_path / "node"
-    node_dir.mkdir()
-    config = write_node_config(
-        node_dir / "config.toml",
-        models_dir=models_dir,
-        destination_ae="",
-        destination_port=0,
-        stable_after_seconds=0.5,
-        destination_url=orthanc.dicomweb_url,
-    )
-    node = NodeProcess(config)
-    peers.append(node)
-    jpeg = sorted(pneumonia_images_dir().glob("person*.jpeg"))[0]
-    source = wrap_radiograph(jpeg, tmp_path / "chest.dcm", ExplicitVRLittleEndian)
-    try:
-        node.start()
-        storescu([source.path], node.port, node.ae_title)
-        wait_for_results(orthanc, [source.study_instance_uid], 120.0)
+    settings = {"destination_ae": "", "destination_port": 0, "destination_url": orthanc.dicomweb_url}
+    with served_chest_study(tmp_path, peers, models_dir, orthanc, **settings) as (node, source):
 
         def delivered() -> list[dict[str, Any]] | None:
             study = study_entry(node, source.study_instance_uid)
@@ -405,7 +387,3 @@ def test_serve_delivers_sr_and_key_image_by_stow_rs(
 
         rows = wait_for(delivered, "every delivery row delivered", 30.0, 0.5)
         assert {r["destination"] for r in rows} == {"pacs"}
-    except BaseException:
-        print(node.log_tail())
-        raise
-    assert node.stop() == 0
