@@ -257,6 +257,16 @@ def test_storescp_refuses_the_n_action(tmp_path: Path, services: Services, peers
     status = node_status(services.sessions, services.config)
     assert status["deliveries"]["delivered"] == 1 and status["deliveries"]["committed"] == 0
     assert metric("refused") == refused_before + 1
+    # the operator's `retry`: the object is not resent, but asked about again in a new transaction
+    outbox = OutboxQueue(services.sessions, ["pacs"])
+    assert outbox.retry(study_instance_uid=delivered.study_instance_uid) == 1
+    assert row(services, row_id).commitment_id is None and row(services, row_id).last_error is None
+    sender.run_once()
+    first, second = commitments(services)
+    assert (first.state, second.state) == (CommitmentState.REFUSED, CommitmentState.REFUSED)
+    assert first.transaction_uid != second.transaction_uid
+    assert row(services, row_id).state is DeliveryState.DELIVERED  # never resent
+    assert outbox.retry(study_instance_uid="1.2.3.999") == 0  # another study: nothing
 
 
 # --- a pynetdicom peer: a report on the N-ACTION's own association, or none ---------------------------

@@ -249,7 +249,8 @@ def _listener(config: Config) -> dict[str, Any]:
 
 
 def retry(services: Services, target: str) -> tuple[int, int]:
-    """Requeue failed jobs and dead deliveries of a job id or a Study Instance UID.
+    """Requeue failed jobs and dead deliveries of a job id or a Study Instance UID, and have delivered
+    objects whose Storage Commitment request was refused asked about again.
 
     Both writes go through ``queue/``: the jobs through :class:`~dicomnode.queue.jobs.JobQueue`,
     the deliveries through :class:`~dicomnode.queue.outbox.OutboxQueue`.

@@ -48,7 +48,7 @@ from typing import Any, Protocol
 from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicomnode.db import DeliveryState, Outbox, utcnow
+from dicomnode.db import Commitment, CommitmentState, DeliveryState, Outbox, utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -274,24 +274,33 @@ class OutboxQueue:
         destination: str | None = None,
         now: datetime | None = None,
     ) -> int:
-        """Put dead (and waiting) rows back to pending, due now, attempts reset; return how many.
+        """Put dead (and waiting) rows back to pending, due now, attempts reset, and have delivered
+        rows whose Storage Commitment request the peer refused asked again; return how many rows.
 
         The give-up window restarts too (``created_at`` becomes now), else a row that died of old age
-        would die again on its first failure. Delivered rows are not touched.
+        would die again on its first failure. Delivered rows are not resent: a refused request's rows
+        only lose their link to it, so the sender asks the peer about them in a new transaction (an
+        operator retries once the PACS has Storage Commitment enabled).
         """
         now = now or utcnow()
-        statement = update(Outbox).where(
-            Outbox.state.in_([DeliveryState.DEAD, DeliveryState.PENDING, DeliveryState.COMMIT_FAILED])
-        )
+        selected: list[ColumnElement[bool]] = []
         if study_instance_uid is not None:
-            statement = statement.where(Outbox.study_instance_uid == study_instance_uid)
+            selected.append(Outbox.study_instance_uid == study_instance_uid)
         if job_id is not None:
-            statement = statement.where(Outbox.job_id == job_id)
+            selected.append(Outbox.job_id == job_id)
         if destination is not None:
-            statement = statement.where(Outbox.destination == destination)
+            selected.append(Outbox.destination == destination)
+        refused = select(Commitment.id).where(Commitment.state == CommitmentState.REFUSED)
         with self._write_lock, self.sessions.begin() as session:
             result: Any = session.execute(
-                statement.values(
+                update(Outbox)
+                .where(
+                    Outbox.state.in_(
+                        [DeliveryState.DEAD, DeliveryState.PENDING, DeliveryState.COMMIT_FAILED]
+                    ),
+                    *selected,
+                )
+                .values(
                     state=DeliveryState.PENDING,
                     next_attempt_at=now,
                     attempts=0,
@@ -299,15 +308,24 @@ class OutboxQueue:
                     commitment_id=None,
                 )
             )
-            count = int(result.rowcount)
+            resent = int(result.rowcount)
+            result = session.execute(
+                update(Outbox)
+                .where(Outbox.state == DeliveryState.DELIVERED, Outbox.commitment_id.in_(refused), *selected)
+                .values(commitment_id=None, last_error=None),
+                execution_options={"synchronize_session": False},
+            )
+            asked_again = int(result.rowcount)
         logger.info(
-            "retry: %d outbox rows pending again (study %s, job %s, destination %s)",
-            count,
+            "retry: %d outbox rows pending again, %d delivered rows to be asked for storage commitment"
+            " again (their request was refused) (study %s, job %s, destination %s)",
+            resent,
+            asked_again,
             study_instance_uid or "*",
             "*" if job_id is None else job_id,
             destination or "*",
         )
-        return count
+        return resent + asked_again
 
     def summary(self) -> dict[str, dict[str, int]]:
         """Row counts by state per destination (the configured destinations always appear)."""
