@@ -117,6 +117,13 @@ def test_parse_response_reads_json_and_xml() -> None:
         assert parsed.stored == {"1.2.3": 0xB000} and parsed.failed == {"1.2.4": 0xC000}
     parsed = parse_response(stow_xml(["1.2.3"], {"1.2.4": 0xA900}), "application/dicom+xml; charset=utf-8")
     assert parsed.stored == {"1.2.3": None} and parsed.failed == {"1.2.4": 0xA900}
+    # the same document in PS3.19's namespace, as the standard's schema and some servers write it
+    namespaced = stow_xml(["1.2.3"], {"1.2.4": 0xA900}).replace(
+        b'<NativeDicomModel xml:space="preserve">',
+        b'<NativeDicomModel xmlns="http://dicom.nema.org/PS3.19/models/NativeDICOM">',
+    )
+    parsed = parse_response(namespaced, "application/dicom+xml")
+    assert parsed.stored == {"1.2.3": None} and parsed.failed == {"1.2.4": 0xA900}
 
 
 # --- configuration ---------------------------------------------------------------------------------

@@ -259,6 +259,52 @@ def test_bad_parts_fail_with_a_reason_while_the_good_ones_are_stored(node: HttpN
     assert instance_row(node, mismatched.SOPInstanceUID) is None
 
 
+def test_a_client_asking_for_xml_gets_the_native_dicom_model(node: HttpNode) -> None:
+    """Accept: application/dicom+xml gets the same answer as PS3.19 XML in its namespace: what was
+    stored in the Referenced SOP Sequence, each failure with its Failure Reason; our own STOW-RS
+    user agent reads it back to the same outcome."""
+    import xml.etree.ElementTree as ET
+
+    from dicomnode.deliver.stow import parse_response
+
+    study = generate_uid()
+    good = ct_like(study, generate_uid(), 0)
+    missing_uid = ct_like(study, generate_uid(), 1)
+    del missing_uid.SOPInstanceUID
+    body = multipart([encoded(good), encoded(missing_uid)])
+    response = post(node, body, Accept="application/dicom+xml")
+    assert response.status_code == 202, response.text
+    assert response.headers["content-type"].startswith("application/dicom+xml")
+    root = ET.fromstring(response.content)
+    namespace = "{http://dicom.nema.org/PS3.19/models/NativeDICOM}"
+    assert root.tag == f"{namespace}NativeDicomModel"
+    failed = root.find(f"{namespace}DicomAttribute[@tag='00081198']")
+    assert failed is not None and failed.get("vr") == "SQ" and failed.get("keyword") == "FailedSOPSequence"
+    reason = failed.find(f"{namespace}Item/{namespace}DicomAttribute[@tag='00081197']/{namespace}Value")
+    assert reason is not None and int(reason.text or "") == Status.CANNOT_UNDERSTAND_MISSING_UID
+    parsed = parse_response(response.content, response.headers["content-type"])
+    assert parsed.stored == {good.SOPInstanceUID: None}
+    assert parsed.failed == {
+        missing_uid.file_meta.MediaStorageSOPInstanceUID: Status.CANNOT_UNDERSTAND_MISSING_UID
+    }
+    # JSON stays the default, and wins a tie or a wildcard
+    for accept in ("application/dicom+json", "*/*", "application/dicom+xml;q=0.5, application/dicom+json"):
+        resent = post(node, body, Accept=accept)
+        assert resent.headers["content-type"] == "application/dicom+json", accept
+
+
+def test_the_accept_header_picks_xml_only_when_it_ranks_it_first() -> None:
+    from dicomnode.http.dicom_xml import prefers_xml
+
+    assert prefers_xml("application/dicom+xml")
+    assert prefers_xml("application/dicom+xml, application/dicom+json;q=0.5")
+    assert prefers_xml("application/dicom+xml;q=0.9, */*;q=0.1")
+    assert not prefers_xml(None) and not prefers_xml("") and not prefers_xml("*/*")
+    assert not prefers_xml("application/dicom+json, application/dicom+xml")  # a tie: JSON
+    assert not prefers_xml("application/dicom+xml;q=bad")
+    assert not prefers_xml("application/dicom+xml;q=0.2, application/*")
+
+
 def test_every_part_failing_is_409(node: HttpNode) -> None:
     response = post(node, multipart([b"garbage one", b"garbage two"]))
     assert response.status_code == 409

@@ -216,13 +216,16 @@ def _json_value(item: dict[str, Any], tag: str) -> Any:
 
 
 def _parse_xml(body: bytes) -> StowResponse:
-    """The Native DICOM Model (PS3.19 A.1); documents with a DTD are refused (entity expansion)."""
+    """The Native DICOM Model (PS3.19 A.1), in its namespace or none; documents with a DTD are
+    refused (entity expansion)."""
     if b"<!DOCTYPE" in body.upper() or b"<!ENTITY" in body.upper():
         raise UnreadableResponseError("DICOM XML answer declares a DTD")
     try:
         root = ET.fromstring(body)
     except ET.ParseError as exc:
         raise UnreadableResponseError(f"not DICOM XML: {exc}") from exc
+    for element in root.iter():  # with or without PS3.19's namespace: servers write both
+        element.tag = element.tag.rpartition("}")[2]
     result = StowResponse()
     for attribute in root:
         tag = attribute.get("tag", "").upper()

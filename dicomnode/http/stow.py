@@ -31,6 +31,7 @@ from starlette.routing import Route
 from dicomnode import audit, metrics
 from dicomnode.config import Config
 from dicomnode.errors import InvalidDatasetError
+from dicomnode.http.dicom_xml import DICOM_XML, native_dicom_model, prefers_xml
 from dicomnode.http.multipart import MultipartError, MultipartReader, Part
 from dicomnode.http.stow_part import Outcome, flush_parts, ingest_part
 from dicomnode.queue.jobs import JobQueue
@@ -134,7 +135,7 @@ class StowService:
             await anyio.to_thread.run_sync(self._ingest_all, reader.parts, study, peer)
         finally:
             reader.close()
-        return self._response(peer, started, reader)
+        return self._response(peer, started, reader, xml=prefers_xml(request.headers.get("accept")))
 
     async def _read(self, request: Request) -> MultipartReader:
         """Check the media type and read the whole body into spooled parts within the caps."""
@@ -238,7 +239,8 @@ class StowService:
             )
             metrics.instance_received(SOURCE_LABEL, refused.status.name)
 
-    def _response(self, peer: _Peer, started: float, reader: MultipartReader) -> Response:
+    def _response(self, peer: _Peer, started: float, reader: MultipartReader, *, xml: bool) -> Response:
+        """The STOW-RS response: DICOM JSON, or the Native DICOM Model when the client prefers XML."""
         stored = [o for o in peer.outcomes if o.refused is None]
         failed = [o for o in peer.outcomes if o.refused is not None]
         body: dict[str, Any] = {}
@@ -269,6 +271,10 @@ class StowService:
         )
         audit.association_ended(peer, "released")  # one Instances Transferred per study stored
         headers = {"Retry-After": "60"} if status_code == 503 else None
+        if xml:
+            return Response(
+                native_dicom_model(body), status_code=status_code, media_type=DICOM_XML, headers=headers
+            )
         return Response(json.dumps(body), status_code=status_code, media_type=DICOM_JSON, headers=headers)
 
 
