@@ -45,7 +45,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicomnode import metrics
 from dicomnode.config import DeliveryConfig, DestinationConfig
 from dicomnode.db import DeliveryState
-from dicomnode.deliver.scu import make_ae
+from dicomnode.deliver.scu import RejectionWitness, make_ae
 from dicomnode.deliver.status import Outcome, Verdict, classify_rejection, decide
 from dicomnode.fsio import sync_filesystem
 from dicomnode.net.association import (
@@ -141,17 +141,18 @@ def request_commitment(
     context = build_context(
         STORAGE_COMMITMENT_PUSH_MODEL_SOP_CLASS, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
     )
+    witness = RejectionWitness()
     assoc = make_ae(ae_title, timeout).associate(
         destination.host,
         destination.port,
         contexts=[context],
         ae_title=destination.ae_title,
         tls_args=tls_args,
-        evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)],
+        evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report), *witness.evt_handlers],
     )
     try:
         if not assoc.is_established:
-            return _no_association(assoc, where, timeout)
+            return _no_association(assoc, witness, where, timeout)
         if not any(
             cx.abstract_syntax == STORAGE_COMMITMENT_PUSH_MODEL_SOP_CLASS for cx in assoc.accepted_contexts
         ):
@@ -195,14 +196,17 @@ def _await_report(
             return  # answered on another association
 
 
-def _no_association(assoc: Association, where: str, timeout: float) -> RequestOutcome:
-    primitive = assoc.acceptor.primitive
-    if assoc.is_rejected and primitive is not None:
+def _no_association(
+    assoc: Association, witness: RejectionWitness, where: str, timeout: float
+) -> RequestOutcome:
+    rejection = witness.rejection_of(assoc)
+    if rejection is not None:
         outcome = classify_rejection(
-            where, int(primitive.result or 0), primitive.source_str, primitive.reason_str
+            where, int(rejection.result or 0), rejection.source_str, rejection.reason_str
         )
         result = RequestResult.REFUSED if outcome.verdict is Verdict.DEAD else RequestResult.REQUEST_FAILED
         return RequestOutcome(result, outcome.reason)
+    primitive = assoc.acceptor.primitive
     if primitive is not None and primitive.result == 0x00 and not assoc.accepted_contexts:
         return RequestOutcome(RequestResult.REFUSED, _context_refused(assoc, where))
     if primitive is None:

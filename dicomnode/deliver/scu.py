@@ -10,17 +10,21 @@ Version Name (``dicomnode.net.identity``), the same as the acceptor.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.events import Event, EventType
+from pynetdicom.pdu import A_ASSOCIATE_RJ
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext, build_context
 
 from dicomnode.config import DestinationConfig
@@ -88,6 +92,36 @@ def make_ae(ae_title: str, timeout: float) -> AE:
     return ae
 
 
+class RejectionWitness:
+    """Keeps the A-ASSOCIATE-RJ a peer sent, for when pynetdicom reports an abort instead.
+
+    pynetdicom 3.0.4's requestor looks at the socket once its request is sent; a peer that answers
+    A-ASSOCIATE-RJ and closes at once (dcmtk ``storescp --refuse``) has often closed it by then,
+    and the association is reported aborted, with no primitive: 57 of 400 associations here. The
+    PDU was received and decoded all the same (``EVT_PDU_RECV``): without this a permanent rejection
+    was retried for ``give_up_after_hours`` one time in seven.
+    """
+
+    def __init__(self) -> None:
+        self.rejection: A_ASSOCIATE | None = None
+
+    def _on_pdu(self, event: Event) -> None:
+        if isinstance(event.pdu, A_ASSOCIATE_RJ):
+            self.rejection = event.pdu.to_primitive()
+
+    @property
+    def evt_handlers(self) -> list[tuple[EventType, Callable[..., Any]]]:
+        """The handler to bind when requesting the association."""
+        return [(evt.EVT_PDU_RECV, self._on_pdu)]
+
+    def rejection_of(self, assoc: Association) -> A_ASSOCIATE | None:
+        """The peer's A-ASSOCIATE-RJ, however pynetdicom reported the association; None if none came."""
+        primitive = assoc.acceptor.primitive
+        if assoc.is_rejected and primitive is not None:
+            return primitive
+        return self.rejection if primitive is None else None
+
+
 def store_all(
     ae_title: str, destination: DestinationConfig, prepared: Sequence[Prepared], timeout: float
 ) -> Iterator[tuple[Prepared, Outcome]]:
@@ -103,17 +137,19 @@ def store_all(
         if tls
         else None
     )
+    witness = RejectionWitness()
     assoc = make_ae(ae_title, timeout).associate(
         destination.host,
         destination.port,
         contexts=requested_contexts(prepared),
         ae_title=destination.ae_title,
         tls_args=tls_args,
+        evt_handlers=[*witness.evt_handlers],
     )
     try:
         if not assoc.is_established:
             for item in prepared:
-                yield item, _no_association(assoc, item, where, timeout)
+                yield item, _no_association(assoc, witness, item, where, timeout)
             return
         sent = 0
         for item in prepared:
@@ -132,13 +168,16 @@ def store_all(
             assoc.abort()
 
 
-def _no_association(assoc: Association, item: Prepared, where: str, timeout: float) -> Outcome:
+def _no_association(
+    assoc: Association, witness: RejectionWitness, item: Prepared, where: str, timeout: float
+) -> Outcome:
     """Why no association came up: a permanent rejection or refused contexts are dead, the rest retried."""
-    primitive = assoc.acceptor.primitive
-    if assoc.is_rejected and primitive is not None:
+    rejection = witness.rejection_of(assoc)
+    if rejection is not None:
         return classify_rejection(
-            where, int(primitive.result or 0), primitive.source_str, primitive.reason_str
+            where, int(rejection.result or 0), rejection.source_str, rejection.reason_str
         )
+    primitive = assoc.acceptor.primitive
     if primitive is not None and primitive.result == _ACCEPTED and not assoc.accepted_contexts:
         # Accepted, but with no presentation context at all: every SOP class was refused.
         return Outcome(Verdict.DEAD, _context_refusal(assoc, item, where))
