@@ -154,6 +154,26 @@ def test_echo(listener: RunningListener, tmp_path: Path, capsys: pytest.CaptureF
     assert "failed" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
+def test_echo_names_a_rejection_and_its_reason(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Against dcmtk storescp --refuse (A-ASSOCIATE-RJ, then an immediate close), every try says
+    "rejected" with result, source and reason, never "failed"."""
+    from peers import start_storescp
+
+    peer = start_storescp(tmp_path, "--refuse")
+    try:
+        path = str(write_config(tmp_path))
+        for _ in range(10):
+            assert main(["--config", path, "echo", "127.0.0.1", str(peer.port), peer.aet]) == 1
+            err = capsys.readouterr().err
+            assert (
+                "association rejected (Rejected Permanent, source Service User, reason No reason given)"
+                in err
+            )
+    finally:
+        peer.stop()
+
+
 def test_retry_unknown_target_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """`retry` of a job id or study that does not exist requeues nothing and exits non-zero."""
     path = str(write_config(tmp_path))

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 from dicomnode.cli._output import EXIT_FAILURE, EXIT_OK, print_json
 from dicomnode.config import Config
 from dicomnode.errors import DicomNodeError
-from dicomnode.net.identity import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 if TYPE_CHECKING:
     from dicomnode.node.services import Services
@@ -170,29 +169,32 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_echo(config: Config, args: argparse.Namespace) -> int:
-    from pynetdicom import AE
+    """C-ECHO a peer with the node's identity (the sender's AE); a rejection is named, with its reason."""
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-    ae = AE(ae_title=args.calling_ae or config.node.ae_title)
-    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
-    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+    from dicomnode.deliver.scu import RejectionWitness, make_ae
+
+    where = f"{args.ae_title}@{args.host}:{args.port}"
+    ae = make_ae(args.calling_ae or config.node.ae_title, args.timeout)
     ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.network_timeout = args.timeout
-    assoc = ae.associate(args.host, args.port, ae_title=args.ae_title)
+    witness = RejectionWitness()
+    assoc = ae.associate(args.host, args.port, ae_title=args.ae_title, evt_handlers=[*witness.evt_handlers])
     if not assoc.is_established:
-        print(
-            f"C-ECHO to {args.ae_title}@{args.host}:{args.port}: association "
-            f"{'rejected' if assoc.is_rejected else 'failed'}",
-            file=sys.stderr,
+        rejection = witness.rejection_of(assoc)
+        why = (
+            f"rejected ({rejection.result_str}, source {rejection.source_str}, reason {rejection.reason_str})"
+            if rejection is not None
+            else "failed (connection refused, unreachable, aborted or no answer in time)"
         )
+        print(f"C-ECHO to {where}: association {why}", file=sys.stderr)
         return EXIT_FAILURE
     status = assoc.send_c_echo()
     assoc.release()
     code = getattr(status, "Status", None)
     if code == 0:
-        print(f"C-ECHO to {args.ae_title}@{args.host}:{args.port}: success")
+        print(f"C-ECHO to {where}: success")
         return EXIT_OK
-    print(f"C-ECHO to {args.ae_title}@{args.host}:{args.port}: status {code!r}", file=sys.stderr)
+    print(f"C-ECHO to {where}: status {code!r}", file=sys.stderr)
     return EXIT_FAILURE
 
 
