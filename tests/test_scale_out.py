@@ -3,7 +3,8 @@
 As on three hosts: ``serve --roles listener,sender`` owns the spool, two ``serve --roles worker``
 processes with their own ``node.instance_name`` share the database and the spool folder, a real
 Orthanc is the PACS and dcmtk's storescu the modality. One worker host is killed with SIGKILL in the
-middle of its batch; its jobs come back when their lease runs out and finish on the other.
+middle of its batch; the other, started then, finds the queue it left: the rest of the jobs, and
+the killed host's when their lease runs out.
 """
 
 from __future__ import annotations
@@ -102,9 +103,10 @@ def test_two_worker_hosts_share_one_queue_and_survive_a_kill(
         _config(tmp_path, "receiver.toml", "receiver", url, orthanc, models_dir), "--roles", "listener,sender"
     )
     receiver.start()  # listener + sender; migrates the database
-    workers = [
-        WorkerHost(_config(tmp_path, f"gpu-{i}.toml", f"gpu-{i}", url, orthanc, models_dir)) for i in (1, 2)
-    ]
+    # gpu-2 starts once gpu-1 is killed: started together, gpu-2 sometimes took every job left
+    # before gpu-1 was seen running one after another (a timeout in CI), and the kill then had
+    # nothing of gpu-1's to orphan. It finds the queue gpu-1 left, leases and all.
+    workers = [WorkerHost(_config(tmp_path, "gpu-1.toml", "gpu-1", url, orthanc, models_dir))]
     engine = make_engine(url)
     sessions = make_sessionmaker(engine)
     try:
@@ -118,6 +120,7 @@ def test_two_worker_hosts_share_one_queue_and_survive_a_kill(
         wait_for(running_on_gpu_1, "gpu-1 done with one job and running another", TIMEOUT, 0.1)
         workers[0].kill()  # mid-batch: its running jobs are orphaned until their lease runs out
         done_on_gpu_1 = workers[0].jobs_done()
+        workers.append(WorkerHost(_config(tmp_path, "gpu-2.toml", "gpu-2", url, orthanc, models_dir)))
 
         def all_done() -> bool:
             with sessions() as session:
