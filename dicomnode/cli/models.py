@@ -148,7 +148,7 @@ def cmd_rules_test(config: Config, args: argparse.Namespace) -> int:
             )
             continue
         decision = route_image(config.routes, header, args.calling_ae)
-        intended = _intended_use(config, registry, decision, header)
+        intended = _intended_use(registry, decision, header)
         results.append({"file": name, **decision.to_dict(), "intended_use": intended, "error": None})
         studies.setdefault(str(header.get("StudyInstanceUID", "")), []).append((len(results) - 1, header))
     for members in studies.values():  # study completeness: the condition that would start it
@@ -170,7 +170,7 @@ def cmd_rules_test(config: Config, args: argparse.Namespace) -> int:
     return EXIT_FAILURE if any(item["error"] for item in results) else EXIT_OK
 
 
-def _intended_use(config: Config, registry: Any, decision: Any, header: Any) -> dict[str, Any] | None:
+def _intended_use(registry: Any, decision: Any, header: Any) -> dict[str, Any] | None:
     """The header against the routed model's intended population, as the worker checks it before
     inference (None when no model is routed); a model not installed is said so, not checked."""
     from dicomnode.errors import ModelUnavailableError
@@ -182,8 +182,7 @@ def _intended_use(config: Config, registry: Any, decision: Any, header: Any) -> 
         card = registry.package(decision.model).card
     except ModelUnavailableError as exc:
         return {"checked": False, "why": str(exc)}
-    route = next((r for r in config.routes if r.name == decision.route), None)
-    overridden = route is not None and route.intended_use == "ignore"
+    overridden = decision.intended_use == "ignore"
     return {"checked": True, **check_intended_use(card.applies_to, header, overridden=overridden).to_dict()}
 
 

@@ -93,9 +93,7 @@ def route_files(config: Config, items: Sequence[tuple[Any, Path, str | None]]) -
             routed.append(ImageInput(key, path, Dataset(), decision, error=decision.reason))
             continue
         decision = route_image(config.routes, header, calling_ae)
-        route = next((r for r in config.routes if r.name == decision.route), None)
-        policy = route.intended_use if route is not None else None
-        routed.append(ImageInput(key, path, header, decision, intended_use_policy=policy))
+        routed.append(ImageInput(key, path, header, decision, intended_use_policy=decision.intended_use))
     return routed
 
 

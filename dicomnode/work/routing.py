@@ -34,6 +34,7 @@ class RouteDecision:
     model: str | None
     reason: str
     shadow: tuple[str, ...] = ()  # the route's shadow models: run for comparison, never reported
+    intended_use: str | None = None  # the route's "enforce" or "ignore" of the card's population
 
     def to_dict(self) -> dict[str, str | list[str] | None]:
         shown: dict[str, str | list[str] | None] = {
@@ -106,6 +107,7 @@ def route_image(
                 model=route.model,
                 reason=f"matched route {route.name!r}",
                 shadow=route.shadow,
+                intended_use=route.intended_use,
             )
         misses.append(f"{route.name}: {why_not}")
     if not routes:
