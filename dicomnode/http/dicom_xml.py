@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
+from email.message import Message
 from typing import Any
 
 from pydicom.datadict import keyword_for_tag
@@ -51,16 +52,14 @@ def prefers_xml(accept: str | None) -> bool:
         return False
     xml_weight = json_weight = 0.0
     for entry in accept.split(","):
-        media, *parameters = (piece.strip() for piece in entry.split(";"))
-        media = media.lower()
-        weight = 1.0
-        for parameter in parameters:
-            name, _, value = parameter.partition("=")
-            if name.strip().lower() == "q":
-                try:
-                    weight = float(value)
-                except ValueError:
-                    weight = 0.0
+        media_range = Message()  # parsed as stow.py parses Content-Type: quoting, case, spaces
+        media_range["content-type"] = entry.strip()
+        media = media_range.get_content_type()
+        q = media_range.get_param("q")
+        try:
+            weight = 1.0 if q is None else float(str(q))
+        except ValueError:
+            weight = 0.0
         if media == DICOM_XML:
             xml_weight = max(xml_weight, weight)
         elif media in _JSON_TYPES or media in ("*/*", "application/*"):
